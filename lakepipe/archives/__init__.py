@@ -1,0 +1,1 @@
+"""Archive kinds: one module each, registered with ``register_archive``."""

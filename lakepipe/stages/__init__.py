@@ -1,0 +1,1 @@
+"""Stage kinds: one module each, registered with :func:`lakepipe.stages.base.register_stage`."""
