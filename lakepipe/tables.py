@@ -253,6 +253,9 @@ def register_contract(path: Path) -> Contract:
 
 def contracts() -> dict[str, Contract]:
     """All table contracts (shipped and registered by plug-ins), by table name."""
+    from lakepipe.stages.base import stages
+
+    stages.load()  # plug-in stage modules register their tables' contracts on import
     return {**_shipped(), **_REGISTERED}
 
 

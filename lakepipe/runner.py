@@ -1,0 +1,641 @@
+"""Plan and execute a pipeline: fingerprints decide what runs, workers compute, the
+parent commits.
+
+For every stage (in dependency order) the runner lists the stage's output partitions,
+fingerprints each one — stage kind and code version, params (and the archive for
+stages that use one), and the fingerprints of the input partitions it reads — and
+compares with the manifest: unchanged partitions are skipped, the rest run in a local
+process pool (or in-process with one worker). Workers write uncommitted Parquet files;
+the parent makes them visible in batched atomic manifest commits. One failing
+partition is logged with its error while the others complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import multiprocessing
+import time
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lakepipe.archives.base import Archive, archives
+from lakepipe.config import default_workers, resolve_lake
+from lakepipe.errors import ContractError, LakepipeError, StageError, UserError
+from lakepipe.lake import Commit, Lake, LakeReader, Manifest, PartitionEntry, add_healpix, utcnow
+from lakepipe.lake import new_run_id as _new_run_id
+from lakepipe.spec import LoadedSpec, load_spec, stage_class, writers
+from lakepipe.stages.base import Partition, Stage, StageContext
+from lakepipe.tables import get_contract
+
+COMMIT_INTERVAL_S = 1.0
+Action = Literal["run", "skip"]
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class PartitionPlan:
+    """What the runner will do with one partition, and why."""
+
+    stage: str
+    key: str
+    action: Action
+    reason: str
+    fingerprint: str
+    code_version: str
+    params_hash: str
+    inputs_hash: str
+    reads: dict[str, list[str]] | None = None
+
+
+@dataclass
+class StageReport:
+    """Outcome of one stage in a run."""
+
+    name: str
+    kind: str
+    plans: list[PartitionPlan] = field(default_factory=list)
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    removed: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    """Outcome of a run: per-stage reports plus where it ran."""
+
+    run_id: str
+    pipeline: str
+    lake: Path
+    dry_run: bool
+    stages: list[StageReport] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.stages)
+
+    @property
+    def executed(self) -> int:
+        return sum(s.ok + s.failed for s in self.stages)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class RunObserver:
+    """Progress callbacks (the CLI draws a progress bar; the library never prints)."""
+
+    def stage_started(self, name: str, plans: list[PartitionPlan]) -> None:
+        pass
+
+    def partition_done(self, name: str, key: str, status: str, rows: int, error: str) -> None:
+        pass
+
+    def stage_finished(self, report: StageReport) -> None:
+        pass
+
+
+# -- worker side --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    lake_root: str
+    spec_json: str
+    spec_dir: str
+    stage: str
+    key: str
+    reads: dict[str, list[str]] | None
+    plan: PartitionPlan
+    run_id: str
+
+
+@dataclass
+class JobResult:
+    stage: str
+    key: str
+    ok: bool
+    entries: dict[str, PartitionEntry]
+    rows: int
+    seconds: float
+    error: str = ""
+    user_error: bool = False
+    started_at: str = ""
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(spec_json: str) -> LoadedSpec:
+    return load_spec(json.loads(spec_json))
+
+
+@functools.lru_cache(maxsize=4)
+def _archive(spec_json: str, spec_dir: str) -> Archive | None:
+    model = _loaded(spec_json).model
+    if model.archive is None:
+        return None
+    cls = archives.get(model.archive.kind)
+    return cls(model.archive, spec_dir=Path(spec_dir))
+
+
+def _make_stage(loaded: LoadedSpec, name: str) -> Stage:
+    s = loaded.model.stages[name]
+    return stage_class(s)(name, s)
+
+
+def make_context(
+    lake: Lake, loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, manifest: Manifest
+) -> StageContext:
+    stage = stage_class(loaded.model.stages[name])
+    archive = _archive(spec_json, spec_dir) if stage.uses_archive else None
+    if stage.uses_archive and archive is None:
+        raise UserError(
+            f"stage {name!r} (kind {stage.kind!r}) needs an archive; add e.g. "
+            "`archive: {kind: sim, seed: 7}` to the spec"
+        )
+    return StageContext(
+        stage_name=name,
+        lake=LakeReader(lake, manifest),
+        files=lake.files,
+        archive=archive,
+        spec_dir=Path(spec_dir),
+    )
+
+
+def _normalise_output(stage: Stage, out: Any) -> dict[str, pa.Table]:
+    tables = dict(out) if isinstance(out, dict) else {stage.writes[0]: out}
+    result = {}
+    for table, value in tables.items():
+        if table not in stage.writes:
+            raise ContractError(
+                f"stage {stage.name!r} returned table {table!r}, but kind {stage.kind!r} "
+                f"declares writes={list(stage.writes)}",
+                stage=stage.name,
+            )
+        if value is None:
+            continue
+        if not isinstance(value, pa.Table):
+            to_arrow = getattr(value, "to_arrow", None)
+            if to_arrow is None:
+                raise ContractError(
+                    f"stage {stage.name!r} returned {type(value).__name__} for {table!r}; "
+                    "expected a pyarrow.Table or polars.DataFrame",
+                    stage=stage.name,
+                )
+            value = to_arrow()
+        result[table] = value
+    return result
+
+
+def prepare_table(stage_name: str, table_name: str, table: pa.Table, key: str) -> pa.Table:
+    """Contract-check one output table and bring it to file layout (healpix, no hive cols)."""
+    contract = get_contract(table_name)
+    needs_hpx = "_healpix_29" in contract.column_names and "_healpix_29" not in table.column_names
+    if needs_hpx and {"ra", "dec"} <= set(table.column_names):
+        table = add_healpix(table)
+    values = dict(p.split("=", 1) for p in key.split("/")) if key else {}
+    for name in contract.partition_by:
+        if name in table.column_names:
+            col = table.column(name)
+            if (
+                table.num_rows
+                and not pc.all(pc.equal(pc.cast(col, pa.string()), values.get(name))).as_py()
+            ):
+                raise ContractError(
+                    f"stage {stage_name!r}, table {table_name!r}, partition {key}: column "
+                    f"{name!r} has values other than {values.get(name)!r}",
+                    stage=stage_name,
+                    partition=key,
+                )
+            table = table.drop_columns([name])
+    return contract.conform(table, stage=stage_name, partition=key)
+
+
+def execute_job(job: Job) -> JobResult:
+    """Run one stage partition and write its (uncommitted) files; never raises."""
+    started = utcnow()
+    t0 = time.perf_counter()
+    try:
+        loaded = _loaded(job.spec_json)
+        lake = Lake(job.lake_root)
+        manifest = lake.manifest()
+        stage = _make_stage(loaded, job.stage)
+        ctx = make_context(lake, loaded, job.stage, job.spec_json, job.spec_dir, manifest)
+        out = stage.run(ctx, Partition(key=job.key, reads=job.reads))
+        tables = _normalise_output(stage, out)
+        entries: dict[str, PartitionEntry] = {}
+        rows = 0
+        for table_name in stage.writes:
+            contract = get_contract(table_name)
+            table = tables.get(table_name)
+            if table is None:
+                table = contract.empty()
+            table = prepare_table(job.stage, table_name, table, job.key)
+            files, n = lake.write_partition(contract, job.key, table, job.plan.fingerprint)
+            rows += n
+            p = job.plan
+            entries[table_name] = PartitionEntry(
+                files=files,
+                rows=n,
+                fingerprint=p.fingerprint,
+                stage=job.stage,
+                code_version=p.code_version,
+                params_hash=p.params_hash,
+                inputs_hash=p.inputs_hash,
+                run_id=job.run_id,
+            )
+        return JobResult(
+            job.stage, job.key, True, entries, rows, time.perf_counter() - t0, started_at=started
+        )
+    except LakepipeError as exc:
+        return JobResult(
+            job.stage,
+            job.key,
+            False,
+            {},
+            0,
+            time.perf_counter() - t0,
+            error=f"{type(exc).__name__}: {exc}",
+            user_error=isinstance(exc, UserError),
+            started_at=started,
+        )
+    except Exception as exc:  # a bug or a foreign library's error: keep the traceback
+        tb = traceback.format_exc(limit=8)
+        return JobResult(
+            job.stage,
+            job.key,
+            False,
+            {},
+            0,
+            time.perf_counter() - t0,
+            error=f"{type(exc).__name__}: {exc}\n{tb}",
+            started_at=started,
+        )
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def _stage_params_hash(loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str) -> str:
+    s = loaded.model.stages[name]
+    params = s.model_dump(mode="json", exclude={"inputs", "description"})
+    cls = stage_class(s)
+    archive_fp = None
+    if cls.uses_archive:
+        archive = _archive(spec_json, spec_dir)
+        archive_fp = archive.fingerprint() if archive else None
+    return _hash({"params": params, "archive": archive_fp})
+
+
+def plan_stage(
+    loaded: LoadedSpec,
+    name: str,
+    partitions: Iterable[Partition],
+    manifest: Manifest,
+    *,
+    spec_json: str,
+    spec_dir: str,
+    force: bool,
+    upstream_pending: bool = False,
+) -> list[PartitionPlan]:
+    """Fingerprint each partition and decide run or skip, with the reason."""
+    s = loaded.model.stages[name]
+    cls = stage_class(s)
+    code_version = f"{cls.kind}:{cls.version}"
+    params_hash = _stage_params_hash(loaded, name, spec_json, spec_dir)
+    table_writer = writers(loaded.model)
+    input_tables = sorted(t for t, w in table_writer.items() if w in s.inputs)
+    first_out = cls.writes[0]
+    committed = manifest.partitions(first_out)
+    failures = manifest.failures.get(name, {})
+    plans = []
+    for p in partitions:
+        reads = {t: list(v) for t, v in p.reads.items()} if p.reads is not None else None
+        if reads is None:
+            basis = {
+                t: {k: e.fingerprint for k, e in manifest.partitions(t).items()}
+                for t in input_tables
+            }
+        else:
+            basis = {
+                t: {
+                    k: (
+                        manifest.partitions(t)[k].fingerprint
+                        if k in manifest.partitions(t)
+                        else "absent"
+                    )
+                    for k in keys
+                }
+                for t, keys in reads.items()
+            }
+        inputs_hash = _hash(basis)
+        fingerprint = _hash([code_version, params_hash, inputs_hash, p.key])
+        entry = committed.get(p.key)
+        if force:
+            action, reason = "run", "forced"
+        elif entry is None:
+            action = "run"
+            reason = (
+                f"retry after failure ({failures[p.key][:120]})" if p.key in failures else "new"
+            )
+        elif entry.fingerprint == fingerprint:
+            action, reason = "skip", "unchanged"
+        elif entry.code_version != code_version:
+            action, reason = "run", f"code changed ({entry.code_version} -> {code_version})"
+        elif entry.params_hash != params_hash:
+            action, reason = "run", "params changed"
+        else:
+            action, reason = "run", "input changed"
+        if action == "skip" and upstream_pending:
+            reason = "unchanged (an upstream stage will run first; may rerun)"
+        plans.append(
+            PartitionPlan(
+                stage=name,
+                key=p.key,
+                action=action,
+                reason=reason,
+                fingerprint=fingerprint,
+                code_version=code_version,
+                params_hash=params_hash,
+                inputs_hash=inputs_hash,
+                reads=reads,
+            )
+        )
+    return plans
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: DuckDB, Arrow and polars keep threads that fork would copy mid-lock.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_pipeline(
+    spec: str | Path | LoadedSpec,
+    *,
+    lake: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    force: Iterable[str] | bool | None = None,
+    dry_run: bool = False,
+    workers: int | None = None,
+    observer: RunObserver | None = None,
+) -> RunReport:
+    """Run (or with ``dry_run`` plan) a pipeline against its lake; see the module docstring."""
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec, tuple(overrides))
+    model = loaded.model
+    observer = observer or RunObserver()
+    workers = workers or default_workers()
+    lake_obj = Lake(resolve_lake(lake, model))
+    only_set = set(only or ())
+    unknown = only_set - set(model.stages)
+    force_set = set(model.stages) if force is True else set(force or ())
+    unknown |= force_set - set(model.stages)
+    if unknown:
+        raise UserError(
+            f"unknown stage(s) {', '.join(sorted(unknown))}; stages in {model.name}: "
+            f"{', '.join(model.stages)}"
+        )
+    spec_json = json.dumps(loaded.raw, sort_keys=True, default=str)
+    spec_dir = str(loaded.spec_dir.resolve())
+    run_id = _new_run_id()
+    report = RunReport(run_id=run_id, pipeline=model.name, lake=lake_obj.root, dry_run=dry_run)
+    order = loaded.stage_order()
+    pools = _PoolHolder(workers)
+    lock = lake_obj.lock("run") if not dry_run else contextlib.nullcontext()
+    with lock:
+        if not dry_run:
+            lake_obj.save_run_spec(run_id, loaded.resolved_yaml())
+        pending_stages: set[str] = set()
+        try:
+            for name in order:
+                if only_set and name not in only_set:
+                    continue
+                sreport, ran = _run_stage(
+                    lake_obj,
+                    loaded,
+                    name,
+                    spec_json=spec_json,
+                    spec_dir=spec_dir,
+                    run_id=run_id,
+                    force=name in force_set,
+                    dry_run=dry_run,
+                    upstream_pending=bool(pending_stages & set(model.stages[name].inputs)),
+                    pools=pools,
+                    observer=observer,
+                )
+                report.stages.append(sreport)
+                if ran:
+                    pending_stages.add(name)
+        finally:
+            pools.shutdown()
+    return report
+
+
+class _PoolHolder:
+    """Lazily created process pool shared by the stages of one run."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = _pool(self.workers)
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def _run_stage(
+    lake: Lake,
+    loaded: LoadedSpec,
+    name: str,
+    *,
+    spec_json: str,
+    spec_dir: str,
+    run_id: str,
+    force: bool,
+    dry_run: bool,
+    upstream_pending: bool,
+    pools: _PoolHolder,
+    observer: RunObserver,
+) -> tuple[StageReport, bool]:
+    s = loaded.model.stages[name]
+    cls = stage_class(s)
+    report = StageReport(name=name, kind=cls.kind)
+    manifest = lake.manifest()
+    stage = _make_stage(loaded, name)
+    ctx = make_context(lake, loaded, name, spec_json, spec_dir, manifest)
+    t_stage = time.perf_counter()
+    try:
+        partitions = list(stage.partitions(ctx))
+    except UserError:
+        raise
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, LakepipeError):
+            msg += "\n" + traceback.format_exc(limit=8)
+        report.failed = 1
+        report.errors["*"] = msg
+        if not dry_run:
+            lake.log_attempt(
+                run_id,
+                _record(
+                    run_id, loaded, name, cls, "*", "failed", "listing partitions failed", error=msg
+                ),
+            )
+            lake.record_failures(name, {"*": msg})
+        observer.stage_started(name, [])
+        observer.stage_finished(report)
+        return report, False
+    keys = [p.key for p in partitions]
+    if len(set(keys)) != len(keys):
+        raise StageError(f"stage {name!r} listed duplicate partitions", stage=name)
+    plans = plan_stage(
+        loaded,
+        name,
+        partitions,
+        manifest,
+        spec_json=spec_json,
+        spec_dir=spec_dir,
+        force=force,
+        upstream_pending=upstream_pending,
+    )
+    report.plans = plans
+    listed = set(keys)
+    removals = [
+        (t, k)
+        for t in cls.writes
+        for k, e in manifest.partitions(t).items()
+        if k not in listed and e.stage == name
+    ]
+    report.removed = len({k for _t, k in removals})
+    todo = [p for p in plans if p.action == "run"]
+    report.skipped = len(plans) - len(todo)
+    observer.stage_started(name, plans)
+    if dry_run:
+        observer.stage_finished(report)
+        return report, bool(todo)
+    for p in plans:
+        if p.action == "skip":
+            lake.log_attempt(
+                run_id,
+                _record(
+                    run_id, loaded, name, cls, p.key, "skipped", p.reason, fingerprint=p.fingerprint
+                ),
+            )
+    for _t, k in sorted(set(removals)):
+        lake.log_attempt(
+            run_id,
+            _record(run_id, loaded, name, cls, k, "removed", "no longer listed by the stage"),
+        )
+    jobs = [Job(str(lake.root), spec_json, spec_dir, name, p.key, p.reads, p, run_id) for p in todo]
+    pending_commits: list[Commit] = []
+    last_commit = time.perf_counter()
+    failed: dict[str, str] = {}
+
+    def handle(res: JobResult, plan: PartitionPlan) -> None:
+        nonlocal last_commit
+        status = "ok" if res.ok else "failed"
+        lake.log_attempt(
+            run_id,
+            _record(
+                run_id,
+                loaded,
+                name,
+                cls,
+                res.key,
+                status,
+                plan.reason,
+                rows=res.rows,
+                seconds=res.seconds,
+                error=res.error,
+                fingerprint=plan.fingerprint,
+                started_at=res.started_at,
+            ),
+        )
+        if res.ok:
+            report.ok += 1
+            report.rows += res.rows
+            pending_commits.append(Commit(stage=name, partition=res.key, entries=res.entries))
+        else:
+            report.failed += 1
+            report.errors[res.key] = res.error
+            failed[res.key] = res.error.splitlines()[0] if res.error else "failed"
+        observer.partition_done(name, res.key, status, res.rows, res.error)
+        if time.perf_counter() - last_commit >= COMMIT_INTERVAL_S:
+            lake.commit(pending_commits)
+            pending_commits.clear()
+            last_commit = time.perf_counter()
+
+    by_key = {p.key: p for p in todo}
+    if pools.workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            handle(execute_job(job), by_key[job.key])
+    else:
+        pool = pools.get()
+        futures: dict[Future[JobResult], str] = {pool.submit(execute_job, j): j.key for j in jobs}
+        not_done = set(futures)
+        while not_done:
+            done, not_done = wait(not_done, timeout=COMMIT_INTERVAL_S, return_when=FIRST_COMPLETED)
+            for f in done:
+                handle(f.result(), by_key[futures[f]])
+    lake.commit(pending_commits, removals)
+    lake.record_failures(name, failed)
+    report.seconds = time.perf_counter() - t_stage
+    observer.stage_finished(report)
+    return report, bool(todo) or bool(removals)
+
+
+def _record(
+    run_id: str,
+    loaded: LoadedSpec,
+    stage: str,
+    cls: type[Stage],
+    key: str,
+    status: str,
+    reason: str,
+    *,
+    rows: int = 0,
+    seconds: float = 0.0,
+    error: str = "",
+    fingerprint: str = "",
+    started_at: str = "",
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "pipeline": loaded.name,
+        "stage": stage,
+        "kind": cls.kind,
+        "partition": key,
+        "status": status,
+        "reason": reason,
+        "rows": rows,
+        "seconds": round(seconds, 6),
+        "error": error or None,
+        "fingerprint": fingerprint or None,
+        "started_at": started_at or None,
+        "finished_at": utcnow(),
+    }

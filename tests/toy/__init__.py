@@ -1,0 +1,82 @@
+"""Test-only stage kinds (registered through ``LAKEPIPE_PLUGINS=tests.toy``).
+
+``toy_numbers`` writes deterministic rows per bucket; ``toy_sums`` sums them per
+bucket. They exercise the runner, lake and CLI without any astronomy; nothing here
+ships in the package.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from lakepipe.errors import InputNotFoundError
+from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
+from lakepipe.tables import register_contract
+
+HERE = Path(__file__).parent
+for _yaml in sorted(HERE.glob("*.yaml")):
+    register_contract(_yaml)
+
+
+@register_stage("toy_numbers")
+class ToyNumbersStage(Stage):
+    """Deterministic numbers per bucket (test-only)."""
+
+    writes = ("toy_numbers",)
+
+    class Params(StageParams):
+        buckets: int = Field(4, ge=1)
+        rows: int = Field(10, ge=0)
+        scale: float = 1.0
+        seed: int = 0
+        sleep_s: float = 0.0
+        fail_buckets: list[int] = Field(default_factory=list)
+        need_file: str | None = None
+
+    def partitions(self, ctx: StageContext) -> list[Partition]:
+        if self.params.need_file and not ctx.resolve(self.params.need_file).exists():
+            raise InputNotFoundError(f"toy input file {self.params.need_file} not found")
+        return [Partition.of(bucket=f"{b:02d}") for b in range(self.params.buckets)]
+
+    def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
+        b = int(partition.values["bucket"])
+        if b in self.params.fail_buckets:
+            raise RuntimeError(f"toy failure in bucket {b}")
+        time.sleep(self.params.sleep_s)
+        rng = np.random.default_rng([self.params.seed, b])
+        n = self.params.rows
+        return pa.table(
+            {
+                "id": np.arange(n, dtype=np.int64) + 1000 * b,
+                "value": rng.normal(size=n) * self.params.scale,
+                "ra": rng.uniform(0, 360, n),
+                "dec": rng.uniform(-90, 90, n),
+            }
+        )
+
+
+@register_stage("toy_sums")
+class ToySumsStage(Stage):
+    """Per-bucket sums of toy_numbers (test-only); reads only its own bucket."""
+
+    reads = ("toy_numbers",)
+    writes = ("toy_sums",)
+
+    class Params(StageParams):
+        offset: float = 0.0
+
+    def partitions(self, ctx: StageContext) -> list[Partition]:
+        return [
+            Partition.of(reads={"toy_numbers": [f"bucket={b}"]}, bucket=b)
+            for b in ctx.lake.partition_values("toy_numbers", "bucket")
+        ]
+
+    def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
+        t = ctx.lake.read("toy_numbers", partitions=[partition.key])
+        total = float(np.sum(t.column("value").to_numpy())) + self.params.offset
+        return pa.table({"bucket": [partition.values["bucket"]], "n": [t.num_rows], "total": [total]})
