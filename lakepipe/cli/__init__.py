@@ -1,0 +1,59 @@
+"""The ``lakepipe`` command line (typer): parse, call the library, render, map errors.
+
+Commands live one concern a module and register on the shared app at import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lakepipe import __version__
+from lakepipe.cli import lake as _lake  # noqa: F401  (registers commands)
+from lakepipe.cli import query as _query  # noqa: F401
+from lakepipe.cli import run as _run  # noqa: F401
+from lakepipe.cli import spec as _spec  # noqa: F401
+from lakepipe.cli.common import STATE, app
+
+__all__ = ["app", "main"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lakepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version"
+    ),
+) -> None:
+    """lakepipe: YAML pipeline specs → partitioned Parquet lake → DuckDB."""
+    STATE["debug"] = debug
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """A bare ``--force`` (no stage after it) means every stage: ``--force-all``."""
+    out = []
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--force" and (nxt is None or nxt.startswith("-")):
+            out.append("--force-all")
+        else:
+            out.append(arg)
+    return out
+
+
+def main() -> None:
+    """Console-script entry point; tolerates a closed stdout (``| head``)."""
+    try:
+        app(args=normalise_argv(sys.argv[1:]), prog_name="lakepipe")
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)

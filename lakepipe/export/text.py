@@ -1,0 +1,85 @@
+"""Plain tabular formats: CSV, JSON, JSON lines, and the terminal table."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from lakepipe.export.base import ExportMeta, register_format
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@register_format("csv", suffixes=(".csv",))
+def write_csv(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
+    """Comma-separated values with a header row (RFC 4180 quoting)."""
+    simple = pa.table(
+        {
+            n: (
+                pa.array([json.dumps(_plain(v)) for v in c.to_pylist()])
+                if pa.types.is_list(c.type)
+                else c
+            )
+            for n, c in zip(table.column_names, table.columns, strict=True)
+        }
+    )
+    pacsv.write_csv(simple, out)
+
+
+@register_format("json", suffixes=(".json",))
+def write_json(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
+    """A JSON array of row objects (NaN and infinities become null)."""
+    rows = [{k: _plain(v) for k, v in r.items()} for r in table.to_pylist()]
+    out.write(json.dumps(rows, indent=1).encode() + b"\n")
+
+
+@register_format("jsonl", suffixes=(".jsonl", ".ndjson"))
+def write_jsonl(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
+    """Newline-delimited JSON, one row object a line."""
+    for r in table.to_pylist():
+        out.write(json.dumps({k: _plain(v) for k, v in r.items()}).encode() + b"\n")
+
+
+@register_format("table")
+def write_table(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
+    """A human-readable table with units in the header (for terminals)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    max_rows = int(meta.options.get("max_rows", 200))
+    t = Table(show_lines=False, header_style="bold")
+    for name in table.column_names:
+        unit = meta.units.get(name)
+        t.add_column(f"{name}\n[{unit}]" if unit else name, overflow="fold")
+    for row in table.slice(0, max_rows).to_pylist():
+        t.add_row(*[_fmt(v) for v in row.values()])
+    buf = io.StringIO()
+    Console(file=buf, width=int(meta.options.get("width", 160)), color_system=None).print(t)
+    if table.num_rows > max_rows:
+        buf.write(f"… {table.num_rows - max_rows} more rows ({table.num_rows} in all)\n")
+    else:
+        buf.write(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})\n")
+    out.write(buf.getvalue().encode())
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    return str(v)
