@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
 from typing import Any, BinaryIO
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from lakepipe.export.base import ExportMeta, register_format
 
@@ -27,18 +27,23 @@ def _plain(value: Any) -> Any:
 
 @register_format("csv", suffixes=(".csv",))
 def write_csv(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
-    """Comma-separated values with a header row (RFC 4180 quoting)."""
-    simple = pa.table(
-        {
-            n: (
-                pa.array([json.dumps(_plain(v)) for v in c.to_pylist()])
-                if pa.types.is_list(c.type)
-                else c
-            )
-            for n, c in zip(table.column_names, table.columns, strict=True)
-        }
-    )
-    pacsv.write_csv(simple, out)
+    """Comma-separated values with a header row (RFC 4180, quoting only where needed)."""
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(table.column_names)
+    for batch in table.to_batches(max_chunksize=65_536):
+        columns = [_csv_values(c) for c in batch.columns]
+        writer.writerows(zip(*columns, strict=True))
+    text.flush()
+    text.detach()
+
+
+def _csv_values(col: pa.Array) -> list[Any]:
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return [json.dumps(_plain(v)) if v is not None else "" for v in col.to_pylist()]
+    if pa.types.is_floating(col.type):
+        return ["" if v is None else repr(v) for v in col.to_pylist()]
+    return ["" if v is None else v for v in col.to_pylist()]
 
 
 @register_format("json", suffixes=(".json",))

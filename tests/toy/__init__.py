@@ -36,7 +36,9 @@ class ToyNumbersStage(Stage):
         seed: int = 0
         sleep_s: float = 0.0
         fail_buckets: list[int] = Field(default_factory=list)
+        fail_while: str | None = None  # fail_buckets fail only while this file exists
         need_file: str | None = None
+        bad: str | None = None  # missing_column | wrong_type | null_key: break the contract
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         if self.params.need_file and not ctx.resolve(self.params.need_file).exists():
@@ -45,19 +47,25 @@ class ToyNumbersStage(Stage):
 
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         b = int(partition.values["bucket"])
-        if b in self.params.fail_buckets:
+        flag = self.params.fail_while
+        if b in self.params.fail_buckets and (flag is None or ctx.resolve(flag).exists()):
             raise RuntimeError(f"toy failure in bucket {b}")
         time.sleep(self.params.sleep_s)
         rng = np.random.default_rng([self.params.seed, b])
         n = self.params.rows
-        return pa.table(
-            {
-                "id": np.arange(n, dtype=np.int64) + 1000 * b,
-                "value": rng.normal(size=n) * self.params.scale,
-                "ra": rng.uniform(0, 360, n),
-                "dec": rng.uniform(-90, 90, n),
-            }
-        )
+        cols = {
+            "id": pa.array(np.arange(n, dtype=np.int64) + 1_000_000 * b),
+            "value": pa.array(rng.normal(size=n) * self.params.scale),
+            "ra": pa.array(rng.uniform(0, 360, n)),
+            "dec": pa.array(rng.uniform(-90, 90, n)),
+        }
+        if self.params.bad == "missing_column":
+            del cols["value"]
+        elif self.params.bad == "wrong_type":
+            cols["value"] = pa.array([f"v{i}" for i in range(n)])
+        elif self.params.bad == "null_key":
+            cols["id"] = pa.array([None] * n, pa.int64())
+        return pa.table(cols)
 
 
 @register_stage("toy_sums")

@@ -1,0 +1,81 @@
+"""Shared fixtures: the test-only toy stage kinds, spec files, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Test-only stage kinds; set before lakepipe loads its registries (workers inherit it).
+os.environ.setdefault("LAKEPIPE_PLUGINS", "tests.toy")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli() -> Callable[..., CliResult]:
+    """Invoke the CLI in-process through typer's runner; stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from lakepipe.cli import app, normalise_argv
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None) -> CliResult:
+        r = runner.invoke(app, normalise_argv([str(a) for a in args]), input=input)
+        if r.exception and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        return CliResult(r.exit_code, r.stdout, r.stderr)
+
+    return invoke
+
+
+TOY_SPEC = {
+    "name": "toy",
+    "stages": {
+        "numbers": {"kind": "toy_numbers", "buckets": 4, "rows": 50},
+        "sums": {"kind": "toy_sums", "inputs": ["numbers"]},
+    },
+    "diagnostics": {
+        "four_buckets": {"sql": "select count(*) from toy_sums", "expect": 4},
+        "rows_in_range": {"sql": "select count(*) from toy_numbers", "expect": {"min": 1}},
+    },
+}
+
+
+@pytest.fixture
+def toy_spec(tmp_path: Path) -> Callable[..., Path]:
+    """Write a toy spec (optionally modified) and return its path; lake under tmp_path."""
+
+    def make(name: str = "toy.yaml", **stage_params: dict) -> Path:
+        spec = yaml.safe_load(yaml.safe_dump(TOY_SPEC))
+        spec["lake"] = str(tmp_path / "lake")
+        for stage, params in stage_params.items():
+            spec["stages"][stage].update(params)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return make
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with its SHA-256 (to prove nothing changed)."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "LOCK"
+    }
