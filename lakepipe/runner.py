@@ -420,10 +420,9 @@ def run_pipeline(
     report = RunReport(run_id=run_id, pipeline=model.name, lake=lake_obj.root, dry_run=dry_run)
     order = loaded.stage_order()
     pools = _PoolHolder(workers)
+    runlog = _RunLog(lake_obj, run_id, loaded.resolved_yaml())
     lock = lake_obj.lock("run") if not dry_run else contextlib.nullcontext()
     with lock:
-        if not dry_run:
-            lake_obj.save_run_spec(run_id, loaded.resolved_yaml())
         pending_stages: set[str] = set()
         try:
             for name in order:
@@ -441,6 +440,7 @@ def run_pipeline(
                     upstream_pending=bool(pending_stages & set(model.stages[name].inputs)),
                     pools=pools,
                     observer=observer,
+                    log=runlog,
                 )
                 report.stages.append(sreport)
                 if ran:
@@ -448,6 +448,23 @@ def run_pipeline(
         finally:
             pools.shutdown()
     return report
+
+
+class _RunLog:
+    """Appends attempt records; stores the resolved spec with the first one, so a run
+    that stops on bad input before doing anything leaves the lake untouched."""
+
+    def __init__(self, lake: Lake, run_id: str, spec_text: str) -> None:
+        self.lake = lake
+        self.run_id = run_id
+        self.spec_text = spec_text
+        self.started = False
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if not self.started:
+            self.lake.save_run_spec(self.run_id, self.spec_text)
+            self.started = True
+        self.lake.log_attempt(self.run_id, record)
 
 
 class _PoolHolder:
@@ -481,6 +498,7 @@ def _run_stage(
     upstream_pending: bool,
     pools: _PoolHolder,
     observer: RunObserver,
+    log: _RunLog,
 ) -> tuple[StageReport, bool]:
     s = loaded.model.stages[name]
     cls = stage_class(s)
@@ -500,8 +518,7 @@ def _run_stage(
         report.failed = 1
         report.errors["*"] = msg
         if not dry_run:
-            lake.log_attempt(
-                run_id,
+            log(
                 _record(
                     run_id, loaded, name, cls, "*", "failed", "listing partitions failed", error=msg
                 ),
@@ -540,15 +557,13 @@ def _run_stage(
         return report, bool(todo)
     for p in plans:
         if p.action == "skip":
-            lake.log_attempt(
-                run_id,
+            log(
                 _record(
                     run_id, loaded, name, cls, p.key, "skipped", p.reason, fingerprint=p.fingerprint
                 ),
             )
     for _t, k in sorted(set(removals)):
-        lake.log_attempt(
-            run_id,
+        log(
             _record(run_id, loaded, name, cls, k, "removed", "no longer listed by the stage"),
         )
     jobs = [Job(str(lake.root), spec_json, spec_dir, name, p.key, p.reads, p, run_id) for p in todo]
@@ -559,8 +574,7 @@ def _run_stage(
     def handle(res: JobResult, plan: PartitionPlan) -> None:
         nonlocal last_commit
         status = "ok" if res.ok else "failed"
-        lake.log_attempt(
-            run_id,
+        log(
             _record(
                 run_id,
                 loaded,

@@ -255,6 +255,8 @@ def _format_error(
         names = _kinds_for(loc)
         msg = f"unknown kind {tag!r}.{did_you_mean(tag, names)} Available: {', '.join(names)}."
         dotted = f"{dotted}.kind" if dotted != "(top level)" else "kind"
+        line = _line_for((*loc, "kind"), lines)
+        where = f"{label}:{line}" if line else label
     elif etype == "union_tag_not_found":
         msg = f"missing 'kind'. Available kinds: {', '.join(_kinds_for(loc))}."
     elif etype == "missing":

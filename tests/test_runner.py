@@ -15,8 +15,7 @@ from tests.conftest import tree_digest
 
 def runs_of(lake: Lake, run_id: str) -> dict[tuple[str, str], str]:
     t = lake.reader().sql(
-        f"select stage, status, count(*) as n from _runs where run_id = '{run_id}' "
-        "group by 1, 2"
+        f"select stage, status, count(*) as n from _runs where run_id = '{run_id}' group by 1, 2"
     )
     return {(r["stage"], r["status"]): r["n"] for r in t.to_pylist()}
 
@@ -74,9 +73,12 @@ def test_failing_partition_is_logged_others_commit_and_retry_only_failed(toy_spe
     assert (by["numbers"].ok, by["numbers"].failed) == (3, 1)
     assert "toy failure in bucket 2" in by["numbers"].errors["bucket=02"]
     lake = Lake(r.lake)
-    err = lake.reader().sql(
-        f"select error from _runs where run_id = '{r.run_id}' and status = 'failed'"
-    ).column("error")[0].as_py()
+    err = (
+        lake.reader()
+        .sql(f"select error from _runs where run_id = '{r.run_id}' and status = 'failed'")
+        .column("error")[0]
+        .as_py()
+    )
     assert "RuntimeError: toy failure in bucket 2" in err
     assert lake.reader().partitions("toy_numbers") == ["bucket=00", "bucket=01", "bucket=03"]
     # the cause goes away: only the failed partition runs, with the reason given

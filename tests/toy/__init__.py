@@ -87,4 +87,6 @@ class ToySumsStage(Stage):
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         t = ctx.lake.read("toy_numbers", partitions=[partition.key])
         total = float(np.sum(t.column("value").to_numpy())) + self.params.offset
-        return pa.table({"bucket": [partition.values["bucket"]], "n": [t.num_rows], "total": [total]})
+        return pa.table(
+            {"bucket": [partition.values["bucket"]], "n": [t.num_rows], "total": [total]}
+        )

@@ -1,0 +1,386 @@
+"""The CLI through typer's runner: exit codes, stdout vs stderr, and bad input that
+leaves the lake byte-identical."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tree_digest
+
+
+@pytest.fixture
+def built(toy_spec, cli) -> tuple[Path, Path]:
+    """A toy spec and its lake after one successful run."""
+    spec = toy_spec()
+    r = cli("run", spec, "--workers", "1", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    return spec, spec.parent / "lake"
+
+
+def test_run_prints_summary_on_stdout_and_progress_on_stderr(toy_spec, cli):
+    spec = toy_spec()
+    r = cli("run", spec, "-j", "1", "-f", "csv")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0] == "stage,kind,ran,skipped,failed,removed,rows,seconds"
+    assert r.stdout.splitlines()[1].startswith("numbers,toy_numbers,4,0,0,0,200,")
+    assert "numbers: 4 ran, 0 skipped, 0 failed" in r.stderr
+    r = cli("run", spec, "-j", "1", "-f", "csv")
+    assert ",0,4,0,0,0," in r.stdout.splitlines()[1]
+
+
+def test_dry_run_reasons(built, cli):
+    spec, _ = built
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--set", "stages.sums.offset=1")
+    lines = r.stdout.splitlines()
+    assert "numbers,bucket=00,skip,unchanged" in lines
+    assert "sums,bucket=00,run,params changed" in lines
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--force", "numbers")
+    assert "numbers,bucket=03,run,forced" in r.stdout.splitlines()
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--force")  # bare --force: every stage
+    assert r.stdout.count(",run,forced") == 8
+
+
+def test_failed_partition_exit_1(toy_spec, cli, tmp_path):
+    flag = tmp_path / "down"
+    flag.write_text("")
+    spec = toy_spec(numbers={"fail_buckets": [1], "fail_while": str(flag)})
+    r = cli("run", spec, "-j", "1", "--no-progress")
+    assert r.exit_code == 1
+    assert "numbers [bucket=01] failed: RuntimeError: toy failure in bucket 1" in r.stderr
+    assert "1 partition(s) failed" in r.stderr
+    r = cli("runs", "--lake", tmp_path / "lake", "-f", "csv")
+    assert r.stdout.splitlines()[1].split(",")[3:6] == ["6", "0", "1"]  # sums sees 3 buckets
+
+
+def test_validate_validate_ok(toy_spec, cli):
+    r = cli("validate", toy_spec())
+    assert r.exit_code == 0 and r.stdout.startswith("ok: toy (2 stages: numbers -> sums)")
+
+
+def test_lake_commands(built, cli):
+    _, lake = built
+    r = cli("lake", "tables", "--lake", lake, "-f", "csv")
+    assert "toy_numbers,4,200," in r.stdout
+    r = cli("lake", "partitions", "toy_sums", "--lake", lake, "-f", "csv")
+    assert [ln.split(",")[0] for ln in r.stdout.splitlines()[1:]] == [
+        "bucket=00",
+        "bucket=01",
+        "bucket=02",
+        "bucket=03",
+    ]
+    r = cli("lake", "schema", "toy_numbers", "-f", "csv")
+    assert "ra,double,deg,,RA" in r.stdout
+    r = cli("lake", "vacuum", "--lake", lake)
+    assert r.exit_code == 0 and "deleted 0 file(s), 0 bytes" in r.stderr
+
+
+def test_check_runs_diagnostics(built, cli, tmp_path):
+    spec, _ = built
+    r = cli("check", spec, "-f", "csv")
+    assert r.exit_code == 0, r.stdout
+    assert "four_buckets,4,4.0,pass," in r.stdout
+    failing = spec.read_text().replace("expect: 4", "expect: 5")
+    bad = tmp_path / "bad_check.yaml"
+    bad.write_text(failing)
+    r = cli("check", bad, "-f", "csv")
+    assert r.exit_code == 1 and "four_buckets,4,5.0,FAIL," in r.stdout
+
+
+def test_kinds_and_help_have_examples(cli):
+    r = cli("kinds")
+    assert "toy_numbers" in r.stdout and "ecsv" in r.stdout
+    r = cli("kinds", "toy_sums")
+    assert '"offset"' in r.stdout
+    for cmd in [
+        ("run",),
+        ("query",),
+        ("export",),
+        ("validate",),
+        ("lake", "tables"),
+        ("lake", "vacuum"),
+        ("runs",),
+        ("check",),
+        ("kinds",),
+        ("schema",),
+    ]:
+        r = cli(*cmd, "--help")
+        assert r.exit_code == 0 and "Example:" in r.stdout, cmd
+
+
+def test_debug_shows_traceback(cli, tmp_path):
+    from lakepipe.errors import InputNotFoundError
+
+    with pytest.raises(InputNotFoundError):
+        cli("--debug", "run", tmp_path / "missing.yaml")
+
+
+def _bad_yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD_STAGES = (
+    "name: toy\nstages:\n  numbers: {kind: toy_numbers}\n"
+    "  sums: {kind: toy_sums, inputs: [numbers]}\n"
+)
+
+# (id, argv builder, exit code, stderr-or-stdout pattern)
+BAD_INPUTS = [
+    (
+        "malformed-yaml",
+        lambda t, lk: ["validate", _bad_yaml(t, "name: [toy\n")],
+        2,
+        r"bad.yaml:\d+: YAML syntax error",
+    ),
+    (
+        "unknown-kind",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES.replace("kind: toy_numbers", "kind: toy_number")),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"stages.numbers.kind: unknown kind 'toy_number'. Did you mean 'toy_numbers'",
+    ),
+    (
+        "bad-type",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(
+                t, GOOD_STAGES.replace("{kind: toy_numbers}", "{kind: toy_numbers, rows: lots}")
+            ),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"bad.yaml:3: stages.numbers.rows: input should be a valid integer",
+    ),
+    (
+        "unknown-key",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t, GOOD_STAGES.replace("{kind: toy_numbers}", "{kind: toy_numbers, scael: 2}")
+            ),
+        ],
+        2,
+        r"unknown key 'scael'. Did you mean 'scale'",
+    ),
+    (
+        "missing-input-table",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES.replace(", inputs: [numbers]", "")),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"reads table 'toy_numbers', which none of its inputs writes",
+    ),
+    (
+        "unknown-input",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES.replace("inputs: [numbers]", "inputs: [numbrs]")),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"unknown stage 'numbrs'. Did you mean 'numbers'",
+    ),
+    (
+        "cycle",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(
+                t, GOOD_STAGES.replace("{kind: toy_numbers}", "{kind: toy_numbers, inputs: [sums]}")
+            ),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"stages form a cycle",
+    ),
+    (
+        "missing-spec-file",
+        lambda t, lk: ["run", t / "nope.yaml", "--lake", lk],
+        2,
+        r"spec file .*nope.yaml not found",
+    ),
+    (
+        "unknown-pipeline",
+        lambda t, lk: ["run", "dmeo", "--lake", lk],
+        2,
+        r"no pipeline named 'dmeo'",
+    ),
+    (
+        "set-without-equals",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES),
+            "--lake",
+            lk,
+            "--set",
+            "stages.numbers.rows",
+        ],
+        2,
+        r"expected KEY.PATH=VALUE",
+    ),
+    (
+        "set-unknown-key",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES),
+            "--lake",
+            lk,
+            "--set",
+            "stages.numbers.rowz=3",
+        ],
+        2,
+        r"--set stages.numbers.rowz=3: stages.numbers.rowz: unknown key 'rowz'",
+    ),
+    (
+        "only-unknown-stage",
+        lambda t, lk: ["run", _bad_yaml(t, GOOD_STAGES), "--lake", lk, "--only", "sum"],
+        2,
+        r"unknown stage\(s\) sum",
+    ),
+    (
+        "stage-missing-file",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(
+                t,
+                GOOD_STAGES.replace(
+                    "{kind: toy_numbers}", "{kind: toy_numbers, need_file: absent.csv}"
+                ),
+            ),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"toy input file absent.csv not found",
+    ),
+    (
+        "export-unknown-table",
+        lambda t, lk: ["export", "toy_numbrs", "--lake", lk, "-o", t / "x.csv"],
+        2,
+        r"no table contract named 'toy_numbrs'. Did you mean 'toy_numbers'",
+    ),
+    (
+        "export-table-and-sql",
+        lambda t, lk: ["export", "toy_sums", "--sql", "select 1", "--lake", lk, "-o", t / "x.csv"],
+        2,
+        r"give a TABLE or --sql",
+    ),
+    (
+        "export-unknown-format",
+        lambda t, lk: ["export", "toy_sums", "--lake", lk, "-o", t / "x.out", "--format", "exel"],
+        2,
+        r"unknown export format 'exel'",
+    ),
+    (
+        "export-uninferrable-suffix",
+        lambda t, lk: ["export", "toy_sums", "--lake", lk, "-o", t / "x.xlsx"],
+        2,
+        r"cannot infer a format from",
+    ),
+    (
+        "export-missing-dir",
+        lambda t, lk: ["export", "toy_sums", "--lake", lk, "-o", t / "no" / "x.csv"],
+        2,
+        r"output folder .* does not exist",
+    ),
+    (
+        "bad-sql",
+        lambda t, lk: ["query", "--lake", lk, "selct * from toy_sums"],
+        2,
+        r"Parser Error: syntax error",
+    ),
+    (
+        "sql-unknown-table",
+        lambda t, lk: ["query", "--lake", lk, "select * from toy_sum"],
+        2,
+        r"Table with name toy_sum does not exist",
+    ),
+    (
+        "sql-insert",
+        lambda t, lk: ["query", "--lake", lk, "insert into toy_sums values (1)"],
+        2,
+        r"INSERT statements are not allowed",
+    ),
+    (
+        "sql-delete",
+        lambda t, lk: ["query", "--lake", lk, "delete from toy_sums"],
+        2,
+        r"DELETE statements are not allowed",
+    ),
+    (
+        "sql-copy",
+        lambda t, lk: ["query", "--lake", lk, f"copy toy_sums to '{lk}/toy_sums/evil.parquet'"],
+        2,
+        r"COPY statements are not allowed",
+    ),
+    (
+        "sql-attach",
+        lambda t, lk: ["query", "--lake", lk, f"attach '{t}/x.db'"],
+        2,
+        r"ATTACH statements are not allowed",
+    ),
+    (
+        "sql-install",
+        lambda t, lk: ["query", "--lake", lk, "install spatial"],
+        2,
+        r"statements are not allowed",
+    ),
+    (
+        "sql-outside-file",
+        lambda t, lk: ["query", "--lake", lk, f"select * from read_text('{t}/bad.yaml')"],
+        2,
+        r"refused: .*Cannot access file",
+    ),
+    (
+        "query-missing-lake",
+        lambda t, lk: ["query", "--lake", t / "nolake", "select 1"],
+        2,
+        r"lake .*nolake does not exist",
+    ),
+    (
+        "lake-schema-unknown",
+        lambda t, lk: ["lake", "schema", "exposure"],
+        2,
+        r"no table contract named 'exposure'. Did you mean 'exposures'",
+    ),
+    (
+        "kinds-unknown",
+        lambda t, lk: ["kinds", "toy_sumz"],
+        2,
+        r"no kind or format 'toy_sumz'. Did you mean 'toy_sums'",
+    ),
+    (
+        "workers-zero",
+        lambda t, lk: ["run", _bad_yaml(t, GOOD_STAGES), "--lake", lk, "--workers", "0"],
+        2,
+        r"Invalid value for '--workers'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "code", "pattern"),
+    [pytest.param(b, c, p, id=i) for i, b, c, p in BAD_INPUTS],
+)
+def test_bad_input(built, cli, tmp_path, make_args, code, pattern):
+    _, lake = built
+    before = tree_digest(lake)
+    r = cli(*make_args(tmp_path, lake))
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    text = r.stderr + r.stdout
+    assert re.search(pattern, text), text
+    assert "Traceback" not in text
+    assert tree_digest(lake) == before  # nothing in the lake changed
