@@ -54,8 +54,15 @@ def test_csv_json_parquet_by_suffix(lake, cli, tmp_path):
 
 def test_export_sql_result_gets_units_by_column_name(lake, cli, tmp_path):
     out = tmp_path / "q.ecsv"
-    r = cli("export", "--sql", "select ra, dec, id from toy_numbers where bucket = '01'",
-            "--lake", lake.root, "-o", out)
+    r = cli(
+        "export",
+        "--sql",
+        "select ra, dec, id from toy_numbers where bucket = '01'",
+        "--lake",
+        lake.root,
+        "-o",
+        out,
+    )
     assert r.exit_code == 0, r.stderr
     t = Table.read(out)
     assert len(t) == 50 and str(t["dec"].unit) == "deg"

@@ -18,9 +18,11 @@ def lake(toy_spec) -> Lake:
 def test_views_have_hive_columns_in_contract_order(lake):
     t = LakeSQL(lake).query("select * from toy_numbers limit 1")
     assert t.column_names == ["bucket", "id", "value", "ra", "dec", "_healpix_29"]
-    got = LakeSQL(lake).query(
-        "select bucket, count(*) as n from toy_numbers where bucket = '02' group by 1"
-    ).to_pylist()
+    got = (
+        LakeSQL(lake)
+        .query("select bucket, count(*) as n from toy_numbers where bucket = '02' group by 1")
+        .to_pylist()
+    )
     assert got == [{"bucket": "02", "n": 50}]
 
 
@@ -58,9 +60,11 @@ def test_views_read_only_committed_files(lake):
 
 
 def test_runs_table(lake):
-    rows = LakeSQL(lake).query(
-        "select stage, status, sum(rows) as rows from _runs group by 1, 2 order by 1"
-    ).to_pylist()
+    rows = (
+        LakeSQL(lake)
+        .query("select stage, status, sum(rows) as rows from _runs group by 1, 2 order by 1")
+        .to_pylist()
+    )
     assert rows == [
         {"stage": "numbers", "status": "ok", "rows": 200},
         {"stage": "sums", "status": "ok", "rows": 4},
