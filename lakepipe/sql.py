@@ -60,6 +60,7 @@ class LakeSQL:
         self.lake = lake
         self.manifest = manifest or lake.manifest()
         self.threads = threads
+        self._con: duckdb.DuckDBPyConnection | None = None
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(":memory:")
@@ -136,7 +137,9 @@ class LakeSQL:
                     "(SELECT/EXPLAIN/DESCRIBE/SUMMARIZE). To write results, use "
                     '`lakepipe export --sql "…" -o FILE`.'
                 )
-        con = self.connect()
+        if self._con is None:
+            self._con = self.connect()  # views over this manifest snapshot, reused
+        con = self._con
         try:
             for st in statements[:-1]:
                 con.execute(st.query)
@@ -148,8 +151,12 @@ class LakeSQL:
             ) from None
         except duckdb.Error as exc:
             raise SQLError(f"SQL error: {exc}") from None
-        finally:
-            con.close()
+
+    def close(self) -> None:
+        """Close the cached connection (it is also closed when garbage-collected)."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     def table_names(self) -> list[str]:
         return sorted(set(contracts()) | {"_runs"})
