@@ -415,6 +415,12 @@ class HttpClient:
         """GET ``url`` with query ``params``; complete, checked body or ArchiveError."""
         return self.request("GET", url, params=params, check=check, cache=cache)
 
+    def get_range(self, url: str, start: int, end: int, params: Params = None) -> HttpResponse:
+        """Bytes ``start..end`` (inclusive) of a resource (e.g. a FITS header)."""
+        return self.request(
+            "GET", url, params=params, headers={"Range": f"bytes={start}-{end}"}, cache=True
+        )
+
     def post(
         self,
         url: str,
@@ -435,12 +441,17 @@ class HttpClient:
         params: Params = None,
         data: Params = None,
         files: Mapping[str, tuple[str, bytes, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
         check: BodyCheck | None = None,
         cache: bool = True,
     ) -> HttpResponse:
-        """One logical request with limits, retries, checks and the response cache."""
+        """One logical request with limits, retries, checks and the response cache.
+
+        A ``Range`` in ``headers`` makes 206 (and a whole-resource 200) acceptable.
+        """
         shown = redact(full_url(url, params))
-        key = self._cache_key(method, url, params, data, files)
+        key = self._cache_key(method, url, params, data, files, headers)
+        ok = (200, 206) if headers and "Range" in headers else (200,)
         cached = self._cache_read(key) if cache else None
         if cached is not None:
             self.stats.add(cache_hits=1)
@@ -454,13 +465,13 @@ class HttpClient:
                 params=params,
                 data=data,
                 files=files,
-                headers={"User-Agent": self.user_agent},
+                headers={**(headers or {}), "User-Agent": self.user_agent},
                 auth=self._auth_for(url),
                 timeout=timeout,
                 stream=True,
             )
             with resp:
-                if resp.status_code != 200:
+                if resp.status_code not in ok:
                     snippet = next(resp.iter_content(500), b"") if resp.status_code < 500 else b""
                     return HttpResponse(shown, resp.status_code, dict(resp.headers), snippet)
                 body = b"".join(resp.iter_content(1 << 16))
@@ -675,9 +686,12 @@ class HttpClient:
         params: Params,
         data: Params,
         files: Mapping[str, tuple[str, bytes, str]] | None,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         h = hashlib.sha256()
         h.update(method.encode() + b" " + full_url(url, params).encode())
+        if headers and "Range" in headers:
+            h.update(b"\0range " + headers["Range"].encode())
         if data:
             items = sorted(data.items()) if isinstance(data, Mapping) else list(data)
             h.update(b"\0data" + json.dumps(items, default=str).encode())
