@@ -5,7 +5,6 @@ Commands live one concern a module and register on the shared app at import.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
@@ -15,7 +14,7 @@ from lakepipe.cli import lake as _lake  # noqa: F401  (registers commands)
 from lakepipe.cli import query as _query  # noqa: F401
 from lakepipe.cli import run as _run  # noqa: F401
 from lakepipe.cli import spec as _spec  # noqa: F401
-from lakepipe.cli.common import STATE, app
+from lakepipe.cli.common import STATE, app, silence_stdout
 
 __all__ = ["app", "main"]
 
@@ -52,8 +51,13 @@ def normalise_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console-script entry point; tolerates a closed stdout (``| head``)."""
     try:
-        app(args=normalise_argv(sys.argv[1:]), prog_name="lakepipe")
+        try:
+            app(args=normalise_argv(sys.argv[1:]), prog_name="lakepipe")
+            code: int | str | None = 0
+        except SystemExit as exc:
+            code = exc.code
+        sys.stdout.flush()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
+        silence_stdout()
+        code = 0
+    sys.exit(code)

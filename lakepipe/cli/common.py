@@ -115,9 +115,19 @@ def write_output(table: pa.Table, fmt: str, out: str | None, meta: ExportMeta) -
     stream: BinaryIO = sys.stdout.buffer
     if writer.binary and sys.stdout.isatty():
         raise UserError(f"format {fmt!r} is binary; write it to a file with -o FILE")
-    writer.write(table, stream, meta)
-    stream.flush()
+    try:
+        writer.write(table, stream, meta)
+        stream.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): not an error
+        silence_stdout()
+        raise typer.Exit(0) from None
     return None
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def parse_options(opts: list[str] | None) -> dict[str, Any]:

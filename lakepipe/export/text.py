@@ -29,13 +29,15 @@ def _plain(value: Any) -> Any:
 def write_csv(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
     """Comma-separated values with a header row (RFC 4180, quoting only where needed)."""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(table.column_names)
-    for batch in table.to_batches(max_chunksize=65_536):
-        columns = [_csv_values(c) for c in batch.columns]
-        writer.writerows(zip(*columns, strict=True))
-    text.flush()
-    text.detach()
+    try:
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for batch in table.to_batches(max_chunksize=65_536):
+            columns = [_csv_values(c) for c in batch.columns]
+            writer.writerows(zip(*columns, strict=True))
+        text.flush()
+    finally:
+        text.detach()  # never close the caller's stream
 
 
 def _csv_values(col: pa.Array) -> list[Any]:
