@@ -431,9 +431,9 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
+        self._finish(status, len(body), fault)  # before the body: clients may act on it
         if self.command != "HEAD":
             self.wfile.write(body)
-        self._finish(status, len(body), fault)
 
     def _send_body(self, body: bytes, ctype: str, *, fits: bool, ranged: bool = False) -> None:
         """200/206 with the body faults: drop mid-body, truncated or corrupt FITS."""
@@ -457,10 +457,10 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
+            self._finish(status, len(body) // 2, "drop")
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
-            self._finish(status, len(body) // 2, "drop")
             return
         fault = ""
         if fits and status == 200:

@@ -396,10 +396,10 @@ def test_rate_limit_spacing(server, session) -> None:
     times = np.sort([r["t"] for r in state.log])
     assert len(times) == 12
     # truth: GCRA with burst 1 spaces reservations by 1/rate = 50 ms; arrivals at the
-    # server may jitter by thread scheduling, so any k+1 arrivals span >= k*50ms - 20ms
+    # server may jitter by thread scheduling, so any k+1 arrivals span >= k*50ms - 40ms
     for k in range(1, 12):
         span = (times[k:] - times[:-k]).min()
-        assert span >= k * 0.05 - 0.02, (k, span)
+        assert span >= k * 0.05 - 0.04, (k, span)
 
 
 def test_machine_wide_rate_limit_shared_between_limiters(tmp_path) -> None:
