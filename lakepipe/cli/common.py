@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import click
 import pyarrow as pa
 import typer
 from rich.console import Console
@@ -54,8 +53,6 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
         except LakepipeError as exc:
             if STATE["debug"]:
                 raise
