@@ -1,0 +1,223 @@
+"""The ZTF IBE client against the loopback emulator (real HTTP on 127.0.0.1).
+
+Truth is the backing survey archive itself: the client must return the same exposures
+and the same pixels as asking the survey directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from lakepipe.archives.http import HttpParams
+from lakepipe.archives.query import ExposureQuery
+from lakepipe.archives.ztf import (
+    ZtfArchive,
+    exposures_from_ibe,
+    parse_header_bytes,
+    product_url,
+    read_ibe_csv,
+    search_params,
+)
+from lakepipe.errors import ArchiveError
+from lakepipe.sim.emulator import ArchiveEmulator, Faults
+from tests.sim.test_emulator import TinySurvey
+
+WHERE = ExposureQuery(ra=150.02, dec=2.2, radius_deg=0.05, start="2025-01-03", end="2025-01-05")
+
+
+def http_params(tmp_path=None, **kw: object) -> HttpParams:
+    base = {
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "retry_after_max_s": 0.05,
+        "rate_limit_per_s": 500.0,
+        "rate_limit_scope": "process",
+        "netrc": False,
+        "cache_dir": str(tmp_path) if tmp_path else None,
+    }
+    base.update(kw)
+    return HttpParams(**base)
+
+
+def archive(url: str, tmp_path=None, **kw: object) -> ZtfArchive:
+    return ZtfArchive(ZtfArchive.Params(base_url=url, http=http_params(tmp_path, **kw)))
+
+
+@pytest.fixture(scope="module")
+def survey() -> TinySurvey:
+    return TinySurvey()
+
+
+@pytest.fixture
+def emu(survey) -> Iterator[ArchiveEmulator]:
+    with ArchiveEmulator(survey) as e:
+        yield e
+
+
+def test_product_url_follows_irsa_rule() -> None:
+    row = {
+        "filefracday": "20180528209502",
+        "field": 726,
+        "filtercode": "zr",
+        "ccdid": 4,
+        "imgtypecode": "o",
+        "qid": 3,
+    }
+    assert product_url("https://irsa.ipac.caltech.edu", row) == (
+        "https://irsa.ipac.caltech.edu/ibe/data/ztf/products/sci/2018/0528/209502/"
+        "ztf_20180528209502_000726_zr_c04_o_q3_sciimg.fits"
+    )
+
+
+def test_search_params_are_a_dict_with_ibe_names() -> None:
+    q = ExposureQuery(
+        ra=150.0, dec=2.2, radius_deg=0.5, start=60678.0, end=60680.0, filters=["zg", "zr"]
+    )
+    p = search_params(q)
+    assert p["ct"] == "csv" and p["INTERSECT"] == "OVERLAPS"
+    assert p["POS"] == "150.00000000,2.20000000"
+    width, height = (float(v) for v in p["SIZE"].split(","))
+    assert height == 1.0 and 1.0 < width < 1.01  # widened by 1/cos(2.7 deg)
+    # obsjd window: MJD range as JD, one hour of margin (obsjd is the exposure start)
+    assert p["WHERE"] == (
+        "obsjd >= 2460678.458333 AND obsjd <= 2460680.541667 AND filtercode IN ('zg', 'zr')"
+    )
+    with pytest.raises(ValueError):
+        search_params(ExposureQuery(filters=["g' OR 1=1 --"]))
+
+
+def test_exposures_match_the_survey(emu, survey) -> None:
+    got = archive(emu.url).exposures(WHERE)
+    want = survey.exposures(WHERE)
+    assert got.num_rows == want.num_rows > 0
+    got = got.sort_by("exposure_id").to_pylist()
+    want = want.sort_by("exposure_id").to_pylist()
+    for g, w in zip(got, want, strict=True):
+        assert g["archive"] == "ztf" and g["image_uri"].startswith(emu.url + "/ibe/data/ztf/")
+        for k, v in w.items():
+            if k in ("archive", "image_uri"):
+                continue
+            if k == "mjd":  # JD text round trip: ~40 us of float resolution at JD 2.46e6
+                assert g[k] == pytest.approx(v, abs=1e-8)
+            elif isinstance(v, float):
+                assert g[k] == pytest.approx(v, rel=1e-12), k
+            else:
+                assert g[k] == v, k
+
+
+def test_nights_and_filters(emu, survey) -> None:
+    ztf = archive(emu.url)
+    assert ztf.nights(ExposureQuery()) == ["2025-01-03", "2025-01-04"]
+    zr = ztf.exposures(ExposureQuery(filters=["zr"]))
+    assert set(zr.column("filter").to_pylist()) == {"zr"}
+    assert zr.num_rows == survey.exposures(ExposureQuery(filters=["zr"])).num_rows == 3
+    assert ztf.exposures(ExposureQuery(ra=10.0, dec=-40.0, radius_deg=0.1)).num_rows == 0
+
+
+def test_image_and_cutout_pixels(emu, survey, tmp_path) -> None:
+    ztf = archive(emu.url, tmp_path)
+    eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
+    assert ztf.image_fits(eid) == survey.image_fits(eid)  # byte-identical
+    _, data, status = ztf.cutout(eid, 150.0001, 2.2001, 20.0)
+    _, want, want_status = survey.cutout(eid, 150.0001, 2.2001, 20.0)
+    assert (status, want_status) == ("ok", "ok") and np.array_equal(data, want)
+    # near the edge: clipped by the archive → partial, same pixels
+    edge_ra = 150.0 + 60.0 / 3600.0  # the image is 128" wide, centred on 150.0
+    _, data, status = ztf.cutout(eid, edge_ra, 2.2, 20.0)
+    _, want, want_status = survey.cutout(eid, edge_ra, 2.2, 20.0)
+    assert status == want_status == "partial" and np.array_equal(data, want)
+    assert ztf.cutout(eid, 160.0, 10.0, 20.0) == (None, None, "off_chip")
+
+
+def test_unknown_exposure_is_looked_up_by_pid(emu, survey) -> None:
+    eid = survey.exposures(ExposureQuery()).column("exposure_id")[3].as_py()
+    fresh = archive(emu.url)  # has not searched: finds the image with WHERE pid = ...
+    assert fresh.image_url(eid).endswith("_sciimg.fits")
+    assert any("pid" in e.query for e in emu.log)
+    with pytest.raises(ArchiveError, match="no ZTF science image with pid 42"):
+        fresh.image_url(42)
+
+
+def test_header_columns_come_from_a_range_request(emu, survey) -> None:
+    ztf = archive(emu.url)
+    ztf.exposures(ExposureQuery(night="2025-01-03"))
+    ranged = [e for e in emu.log if e.range]
+    assert len(ranged) == 3 and all(e.status == 206 for e in ranged)
+    assert all(e.range == "bytes=0-34559" for e in ranged)  # 12 FITS blocks
+
+
+def test_parse_header_bytes(survey) -> None:
+    eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
+    blob = survey.image_fits(eid)
+    assert parse_header_bytes(blob[:2880]) is None  # END is in a later block
+    hdr = parse_header_bytes(blob[: 2880 * 4])
+    assert hdr["GAIN"] == 6.2 and hdr["NAXIS1"] == 128
+
+
+def test_read_ibe_csv_rejects_garbage() -> None:
+    assert read_ibe_csv(b"").num_rows == 0
+    t = read_ibe_csv(b"pid,filefracday,obsjd\n1,20250103100000,2460678.5\n")
+    assert t.column("filefracday").to_pylist() == ["20250103100000"]
+    assert exposures_from_ibe(
+        read_ibe_csv(
+            b"pid,filefracday,obsjd,exptime,field,ccdid,qid,filtercode,imgtypecode,ra,dec\n"
+            b"7,20250103100000,2460678.5,30,600,1,2,zg,o,150,2\n"
+        ),
+        "http://x",
+    ).column("mjd").to_pylist() == [pytest.approx(60678.0 + 15 / 86400, abs=1e-9)]
+
+
+def test_faults_every_cutout_valid_rate_respected(survey, tmp_path) -> None:
+    faults = Faults(
+        seed=11,
+        error_503_prob=0.2,
+        truncate_prob=0.05,
+        drop_prob=0.05,
+        error_429_prob=0.05,
+        burst_429_len=3,
+        retry_after_s=0,
+    )
+    with ArchiveEmulator(survey, faults=faults) as e:
+        ztf = archive(e.url, tmp_path, rate_limit_per_s=40.0, max_retries=12)
+        exps = ztf.exposures(WHERE)
+        assert exps.num_rows == survey.exposures(WHERE).num_rows
+        for eid in exps.column("exposure_id").to_pylist():
+            _, data, status = ztf.cutout(eid, 150.02, 2.2, 30.0)
+            _, want, want_status = survey.cutout(eid, 150.02, 2.2, 30.0)
+            assert status == want_status and np.array_equal(data, want)
+        faults_seen = {x.fault for x in e.log}
+        assert {"status", "truncate"} <= faults_seen or {"status", "drop"} <= faults_seen
+        # truth: 40 req/s with burst 1 → at most 41 arrivals in any 1 s window (+1 slack)
+        assert e.requests_per_window(1.0) <= 42
+        assert ztf.http.stats.retries > 0
+
+
+def test_archive_down_is_a_clear_error(survey) -> None:
+    down = Faults(down=True, retry_after_s=0)
+    with ArchiveEmulator(survey, faults=down) as e, pytest.raises(ArchiveError) as err:
+        archive(e.url, max_retries=2).exposures(WHERE)
+    assert err.value.status == 503 and err.value.attempts == 3
+    assert "/ibe/search/ztf/products/sci?" in str(err.value)
+
+
+def test_killed_download_resumes_by_range(survey, tmp_path) -> None:
+    eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
+    with ArchiveEmulator(survey, faults=Faults(seed=1, drop_prob=1.0)) as e:
+        ztf = archive(e.url, tmp_path, max_retries=0)
+        with pytest.raises(ArchiveError):
+            ztf.image_fits(eid)  # dropped mid-body: a .part file is left behind
+        parts = list(tmp_path.rglob("*.part"))
+        assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(survey.image_fits(eid))
+        have = parts[0].stat().st_size
+    with ArchiveEmulator(survey) as e2:
+        ztf = archive(e2.url, tmp_path)
+        # a new emulator port is a new URL: reuse the old cache key by resuming explicitly
+        url = ztf.image_url(eid)
+        dest = parts[0].with_name(parts[0].name.removesuffix(".part"))
+        ztf.http.download(url, dest)
+        assert dest.read_bytes() == survey.image_fits(eid)
+        ranges = [x.range for x in e2.log if x.range]
+        assert ranges == [f"bytes={have}-"]
