@@ -1,0 +1,216 @@
+"""The ``sim`` archive: lakepipe's embedded, seeded virtual ZTF-like survey.
+
+``archive: {kind: sim, seed: 7}`` (plus any :class:`~lakepipe.sim.survey.SurveyConfig`
+knob: ``naxis1``, ``n_fields``, ``n_nights``, ``n_stars``, ...) serves exposures, full
+images, cutouts, a reference catalog and the truth, all deterministic for the seed.
+
+Interface (shared with the other archive kinds):
+
+- :meth:`SimArchive.exposures` — rows of the ``exposures`` contract (no ``_healpix_29``);
+- :meth:`SimArchive.nights` — nights with matching exposures;
+- :meth:`SimArchive.image` / :meth:`SimArchive.image_fits` — the full science image;
+- :meth:`SimArchive.cutout` / :meth:`SimArchive.cutout_fits` — an exact sub-array of the
+  full image with ``CRPIX`` shifted;
+- :meth:`SimArchive.catalog` / :meth:`SimArchive.write_catalog` — Gaia-like catalog;
+- :meth:`SimArchive.truth`, :meth:`SimArchive.objects`, :meth:`SimArchive.variables`,
+  :meth:`SimArchive.transient`, :meth:`SimArchive.asteroid_truth` — what was injected.
+
+Full images are rendered once and kept in a small per-process LRU cache, so many cutouts
+of one exposure cost one render.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.io import fits
+
+from lakepipe.archives.base import Archive, ArchiveParams, register_archive
+from lakepipe.archives.query import ExposureQuery
+from lakepipe.errors import InputNotFoundError
+from lakepipe.sim import fitsio
+from lakepipe.sim.scene import VirtualSurvey
+from lakepipe.sim.survey import SurveyConfig
+
+CUTOUT_STATUSES = ("ok", "partial", "off_chip")
+
+
+@register_archive("sim")
+class SimArchive(Archive):
+    """Seeded virtual ZTF-like survey (the offline default archive).
+
+    Every knob of the survey is a parameter; everything is a deterministic function of
+    them. Example: ``archive: {kind: sim, seed: 7, naxis1: 1024, naxis2: 1024}``.
+    """
+
+    class Params(SurveyConfig, ArchiveParams):
+        pass
+
+    cache_size = 3
+
+    def __init__(self, params: ArchiveParams, *, spec_dir: Path | None = None) -> None:
+        super().__init__(params, spec_dir=spec_dir)
+        cfg = {k: v for k, v in params.model_dump().items() if k in SurveyConfig.model_fields}
+        self.config = SurveyConfig(**cfg)
+        self.sim = VirtualSurvey(self.config)
+        self._images: OrderedDict[int, tuple[fits.Header, np.ndarray]] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, **knobs: object) -> SimArchive:
+        """Convenience constructor: ``SimArchive.from_config(seed=3, naxis1=512)``."""
+        return cls(cls.Params(**knobs))
+
+    # -- exposures ----------------------------------------------------------------------
+
+    def _all_exposures(self) -> pa.Table:
+        if not hasattr(self, "_exposure_table"):
+            self._exposure_table = self.sim.survey.exposure_table(archive="sim")
+        return self._exposure_table
+
+    def exposures(self, where: ExposureQuery | None = None) -> pa.Table:
+        """Exposures matching ``where`` (all when None), in time order.
+
+        Columns: those of ``schemas/tables/exposures.yaml`` except ``_healpix_29``.
+        """
+        t = self._all_exposures()
+        if where is None:
+            return t
+        mask = where.matches_time(np.asarray(t.column("mjd")))
+        mask &= where.matches_filter(np.asarray(t.column("filter")))
+        mask &= where.matches_field(np.asarray(t.column("field")))
+        if where.has_region:
+            rc = np.stack([np.asarray(t.column(f"ra{k}")) for k in range(1, 5)], axis=1)
+            dc = np.stack([np.asarray(t.column(f"dec{k}")) for k in range(1, 5)], axis=1)
+            mask &= where.overlaps(rc, dc)
+        out = t.filter(pa.array(mask))
+        if where.max_rows is not None:
+            out = out.slice(0, where.max_rows)
+        return out
+
+    def nights(self, where: ExposureQuery | None = None) -> list[str]:
+        """Sorted nights (``YYYY-MM-DD``) with at least one matching exposure."""
+        return sorted(set(self.exposures(where).column("night").to_pylist()))
+
+    # -- pixels -------------------------------------------------------------------------
+
+    def _exposure(self, exposure_id: int):
+        try:
+            return self.sim.survey.exposure(int(exposure_id))
+        except KeyError:
+            raise InputNotFoundError(
+                f"the sim archive (seed {self.config.seed}) has no exposure {exposure_id}; "
+                "list them with SimArchive.exposures()"
+            ) from None
+
+    def header(self, exposure_id: int) -> fits.Header:
+        """The science-image header of one exposure (no pixels rendered)."""
+        return fitsio.exposure_header(self._exposure(exposure_id), seed=self.config.seed)
+
+    def image(self, exposure_id: int) -> tuple[fits.Header, np.ndarray]:
+        """(header, float32 ADU image) of one exposure; deterministic, LRU-cached."""
+        key = int(exposure_id)
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        header = self.header(key)
+        data, _ = self.sim.image(key)
+        data.flags.writeable = False
+        self._images[key] = (header, data)
+        while len(self._images) > self.cache_size:
+            self._images.popitem(last=False)
+        return header, data
+
+    def image_fits(self, exposure_id: int) -> bytes:
+        """The full science image as FITS bytes."""
+        header, data = self.image(exposure_id)
+        return fitsio.fits_bytes(header, data)
+
+    def cutout(
+        self, exposure_id: int, ra: float, dec: float, size_arcsec: float
+    ) -> tuple[fits.Header, np.ndarray | None, str]:
+        """A square cutout centred on (ra, dec): ``(header, data, status)``.
+
+        ``size_pix = max(1, round(size_arcsec / pixscale))``; the pixel containing the
+        target is at index ``size_pix // 2``. ``ok``: the square is an exact sub-array of
+        :meth:`image`; ``partial``: the target is on the image but the square crosses
+        its edge, pixels off the image are NaN (the rest exact copies); ``off_chip``:
+        the target is off the image and ``data`` is None. ``CRPIX`` is shifted by the
+        origin, so the cutout's WCS is the image's.
+        """
+        exp = self._exposure(exposure_id)
+        x, y = exp.wcs.world2pix(np.array([ra]), np.array([dec]))
+        n = max(1, round(size_arcsec / exp.pixscale_arcsec))
+        x0, y0, status = fitsio.cutout_window(float(x[0]), float(y[0]), n, exp.naxis1, exp.naxis2)
+        if status == "off_chip":
+            return (
+                fitsio.cutout_header(self.header(exposure_id), 0, 0, n, ra, dec, size_arcsec),
+                None,
+                status,
+            )
+        header, data = self.image(exposure_id)
+        sx0, sx1 = max(x0, 0), min(x0 + n, exp.naxis1)
+        sy0, sy1 = max(y0, 0), min(y0 + n, exp.naxis2)
+        if status == "ok":
+            out = data[y0 : y0 + n, x0 : x0 + n].copy()
+        else:
+            out = np.full((n, n), np.nan, dtype=data.dtype)
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = data[sy0:sy1, sx0:sx1]
+        return fitsio.cutout_header(header, x0, y0, n, ra, dec, size_arcsec), out, status
+
+    def cutout_fits(
+        self, exposure_id: int, ra: float, dec: float, size_arcsec: float
+    ) -> tuple[bytes | None, str]:
+        """(FITS bytes or None when off chip, status) of :meth:`cutout`."""
+        header, data, status = self.cutout(exposure_id, ra, dec, size_arcsec)
+        if data is None:
+            return None, status
+        return fitsio.fits_bytes(header, data), status
+
+    # -- catalog and truth --------------------------------------------------------------
+
+    def catalog(self, path: Path | None = None) -> pa.Table:
+        """The Gaia-like reference catalog (J2016.0 positions; mas/yr proper motions).
+
+        Columns ``source_id, ra, dec, pmra, pmdec, phot_g_mean_mag, bp_rp, ref_epoch``.
+        With ``path``, also writes it there as Parquet.
+        """
+        table = self.sim.sky.catalog()
+        if path is not None:
+            self.write_catalog(path, table)
+        return table
+
+    def write_catalog(self, path: str | Path, table: pa.Table | None = None) -> Path:
+        """Write the reference catalog as zstd Parquet (atomic rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(
+            table if table is not None else self.sim.sky.catalog(), tmp, compression="zstd"
+        )
+        tmp.replace(path)
+        return path
+
+    def objects(self) -> pa.Table:
+        """Every static source with its truth flags (``kind``, ``in_catalog``, ``rendered``)."""
+        return self.sim.sky.objects
+
+    def variables(self) -> pa.Table:
+        """Periodic variables: ``source_id, var_type, period_d, amplitude_mag, epoch_mjd``."""
+        return self.sim.sky.variables
+
+    def transient(self) -> dict | None:
+        """The transient: ``object_id, ra, dec, t0_mjd, alpha, peak_mag{filter}``."""
+        return self.sim.sky.transient
+
+    def truth(self, exposure_id: int) -> pa.Table:
+        """Everything rendered on one exposure (see :mod:`lakepipe.sim.scene`)."""
+        self._exposure(exposure_id)
+        return self.sim.scene(int(exposure_id)).truth
+
+    def asteroid_truth(self) -> dict[str, pa.Table]:
+        """``{"asteroids": states and elements, "positions": per-exposure positions}``."""
+        return self.sim.asteroids.truth(self.sim.survey.exposures)
