@@ -50,6 +50,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from lakepipe.archives.cds import VIZIER_COLUMNS
+
 log = logging.getLogger("lakepipe.sim.emulator")
 
 JD_MJD_OFFSET = 2400000.5  # JD = MJD + 2400000.5
@@ -66,18 +68,7 @@ IBE_SCI_COLUMNS = (
 )  # fmt: skip
 
 #: VizieR names of Gaia DR3 (I/355/gaiadr3) columns ↔ the reference-catalog shape.
-GAIA_VIZIER_COLUMNS = {
-    "Source": "source_id",
-    "RA_ICRS": "ra",
-    "DE_ICRS": "dec",
-    "Plx": "parallax",
-    "pmRA": "pmra",
-    "pmDE": "pmdec",
-    "Gmag": "phot_g_mean_mag",
-    "BPmag": "phot_bp_mean_mag",
-    "RPmag": "phot_rp_mean_mag",
-    "BP-RP": "bp_rp",
-}
+GAIA_VIZIER_COLUMNS = VIZIER_COLUMNS["I/355/gaiadr3"]
 
 _PRODUCT_RE = re.compile(
     r"^/ibe/data/ztf/products/sci/(?P<y>\d{4})/(?P<md>\d{4})/(?P<frac>\d{6})/"

@@ -1,0 +1,127 @@
+"""CDS clients (VizieR cone, XMatch) against the loopback emulator on 127.0.0.1.
+
+Truth: the backing survey's reference catalog, searched directly with the same
+great-circle distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lakepipe.archives.cds import CdsClient, CdsParams, cone_cover, parse_asu_tsv
+from lakepipe.archives.http import HttpParams
+from lakepipe.archives.query import angular_sep_deg
+from lakepipe.errors import ArchiveError
+from lakepipe.sim.emulator import ArchiveEmulator, Faults
+from tests.sim.test_emulator import TinySurvey
+
+
+@pytest.fixture(scope="module")
+def survey() -> TinySurvey:
+    return TinySurvey()
+
+
+@pytest.fixture
+def emu(survey) -> Iterator[ArchiveEmulator]:
+    with ArchiveEmulator(survey) as e:
+        yield e
+
+
+def client(url: str, **kw: object) -> CdsClient:
+    http = HttpParams(
+        rate_limit_per_s=500.0,
+        rate_limit_scope="process",
+        backoff_base_s=0.01,
+        backoff_max_s=0.02,
+        retry_after_max_s=0.02,
+        netrc=False,
+    )
+    return CdsClient(CdsParams(vizier_url=url, xmatch_url=url, http=http, **kw))
+
+
+def truth_within(cat: pa.Table, ra: float, dec: float, radius_arcsec: float) -> set[int]:
+    sep = angular_sep_deg(cat.column("ra").to_numpy(), cat.column("dec").to_numpy(), ra, dec)
+    return set(np.asarray(cat.column("source_id"))[sep * 3600.0 <= radius_arcsec].tolist())
+
+
+def test_cone_returns_reference_shape(emu, survey) -> None:
+    got = client(emu.url).cone(150.0, 2.2, 90.0)
+    truth = truth_within(survey.catalog(), 150.0, 2.2, 90.0)
+    assert set(got.column("source_id").to_pylist()) == truth and len(truth) > 10
+    for c in ("source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag", "bp_rp", "ref_epoch"):
+        assert c in got.column_names
+    cat = {r["source_id"]: r for r in survey.catalog().to_pylist()}
+    for r in got.to_pylist():
+        assert r["ra"] == cat[r["source_id"]]["ra"]  # exact: repr() round trip
+        assert r["pmdec"] == cat[r["source_id"]]["pmdec"]
+        assert r["ref_epoch"] == 2016.0
+    # the 50-row VizieR default never applies: we always send -out.max
+    assert "-out.max=1000001" in emu.log[-1].query
+
+
+def test_cone_over_row_limit_is_an_error(emu) -> None:
+    with pytest.raises(ArchiveError, match="truncated"):
+        client(emu.url, row_limit=5).cone(150.0, 2.2, 300.0)
+
+
+def test_empty_cone(emu) -> None:
+    got = client(emu.url).cone(10.0, -40.0, 30.0)
+    assert got.num_rows == 0 and "source_id" in got.column_names
+
+
+def test_parse_asu_tsv_overflow_and_error() -> None:
+    text = (
+        b"#\n#INFO\tQUERY_STATUS=OVERFLOW\ttruncated result\n"
+        b"Source\tRA_ICRS\nNone\tdeg\n----\t----\n1\t2.0\n"
+    )
+    with pytest.raises(ArchiveError, match="OVERFLOW"):
+        parse_asu_tsv(text)
+    with pytest.raises(ArchiveError, match="refused"):
+        parse_asu_tsv(b"#INFO\tQUERY_STATUS=ERROR\tno such table\n")
+    t = parse_asu_tsv(b"#c\nSource\tRA_ICRS\tGmag\n\tdeg\tmag\n--\t--\t--\n7\t1.5\t\n")
+    assert t.to_pylist() == [{"Source": 7, "RA_ICRS": 1.5, "Gmag": None}]
+
+
+def test_xmatch_chunked_upload(emu, survey) -> None:
+    cat = survey.catalog()
+    # 25 positions 0.8" north of catalog stars, plus 5 far from everything
+    ra = [*cat.column("ra").to_pylist()[:25], *([10.0] * 5)]
+    dec = [*(d + 0.8 / 3600 for d in cat.column("dec").to_pylist()[:25]), *([-40.0] * 5)]
+    positions = pa.table({"ra": ra, "dec": dec})
+    cds = client(emu.url, xmatch_chunk_rows=7)
+    got = cds.xmatch(positions, 2.0)
+    posts = [e for e in emu.log if e.path == "/xmatch/api/v1/sync"]
+    assert len(posts) == 5  # ceil(30 / 7) uploads
+    truth = {(i, s) for i in range(30) for s in truth_within(cat, ra[i], dec[i], 2.0)}
+    assert (
+        set(zip(got["row_index"].to_pylist(), got["source_id"].to_pylist(), strict=True)) == truth
+    )
+    ids = cat.column("source_id").to_pylist()
+    own = [r for r in got.to_pylist() if r["source_id"] == ids[r["row_index"]]]
+    assert len(own) == 25
+    assert all(r["dist_arcsec"] == pytest.approx(0.8, abs=1e-4) for r in own)
+
+
+def test_xmatch_result_cap_is_an_error(emu, survey) -> None:
+    cat = survey.catalog().slice(0, 10)
+    with pytest.raises(ArchiveError, match="truncated"):
+        client(emu.url, xmatch_max_rows=3).xmatch(cat.select(["ra", "dec"]), 5.0)
+
+
+def test_xmatch_survives_faults(survey) -> None:
+    faults = Faults(seed=5, error_503_prob=0.3, drop_prob=0.1, retry_after_s=0)
+    positions = survey.catalog().slice(0, 40).select(["ra", "dec"])
+    with ArchiveEmulator(survey, faults=faults) as e:
+        got = client(e.url, xmatch_chunk_rows=10).xmatch(positions, 0.5)
+        assert any(x.status == 503 for x in e.log)
+    assert sorted(got["row_index"].to_pylist()) == list(range(40))  # each finds itself
+
+
+def test_cone_cover() -> None:
+    ra0, dec0, r = cone_cover([10.0, 10.2], [0.0, 0.0], pad_arcsec=5.0)
+    assert ra0 == pytest.approx(10.1) and dec0 == pytest.approx(0.0, abs=1e-12)
+    assert r == pytest.approx(0.1 * 3600 + 5.0)
