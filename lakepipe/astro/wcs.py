@@ -121,7 +121,8 @@ def footprint_contains_sql(ra: float, dec: float, prefix: str = "") -> str:
     corner k becomes tangent-plane coordinates (xk, yk) about the point (gnomonic
     projection numerators, Calabretta & Greisen 2002 eq. 54 without the common positive
     denominator), and the point (the origin) is inside when the four cross products
-    xk*yk+1 - xk+1*yk share a sign. ``prefix`` qualifies the columns (``"e."``).
+    xk*yk+1 - xk+1*yk share a sign (a point exactly on an edge counts as outside).
+    ``prefix`` qualifies the columns (``"e."``).
     """
     r0, d0 = math.radians(ra), math.radians(dec)
     s0, c0 = math.sin(d0), math.cos(d0)
@@ -132,9 +133,11 @@ def footprint_contains_sql(ra: float, dec: float, prefix: str = "") -> str:
         xs.append(f"(cos({dk}) * sin({dr}))")
         ys.append(f"({c0!r} * sin({dk}) - {s0!r} * cos({dk}) * cos({dr}))")
         zs.append(f"({s0!r} * sin({dk}) + {c0!r} * cos({dk}) * cos({dr}))")
-    cross = [f"({xs[i]} * {ys[(i + 1) % 4]} - {xs[(i + 1) % 4]} * {ys[i]})" for i in range(4)]
-    near = " and ".join(f"{z} > 0" for z in zs)
-    return f"(({near}) and (least({', '.join(cross)}) >= 0 or greatest({', '.join(cross)}) <= 0))"
+    cross = [f"{xs[i]} * {ys[(i + 1) % 4]} - {xs[(i + 1) % 4]} * {ys[i]}" for i in range(4)]
+    signs = " + ".join(f"sign({c})" for c in cross)
+    # one corner on the point's hemisphere rules out the antipodal footprint (footprints
+    # are far smaller than 90 deg); each cross product appears once, so DuckDB plans it fast
+    return f"({zs[0]} > 0 and abs({signs}) = 4)"
 
 
 # -- cutouts ------------------------------------------------------------------------------
