@@ -214,3 +214,108 @@ class SimArchive(Archive):
     def asteroid_truth(self) -> dict[str, pa.Table]:
         """``{"asteroids": states and elements, "positions": per-exposure positions}``."""
         return self.sim.asteroids.truth(self.sim.survey.exposures)
+
+    # -- truth as lake tables -----------------------------------------------------------
+
+    def sky_truth(self) -> pa.Table:
+        """Rows of the ``truth_sky`` contract (without ``_healpix_29``)."""
+        obj = self.sim.sky.objects
+        var = self.sim.sky.variables
+        n = obj.num_rows
+        vrow = {int(s): i for i, s in enumerate(var.column("source_id").to_pylist())}
+        idx = [vrow.get(int(s), -1) for s in obj.column("source_id").to_pylist()]
+
+        def pick(col: str) -> list:
+            vals = var.column(col).to_pylist()
+            return [vals[i] if i >= 0 else None for i in idx]
+
+        cols = {
+            "source_id": obj.column("source_id").to_pylist(),
+            "kind": obj.column("kind").to_pylist(),
+            "ra": obj.column("ra").to_pylist(),
+            "dec": obj.column("dec").to_pylist(),
+            "pmra": obj.column("pmra").to_pylist(),
+            "pmdec": obj.column("pmdec").to_pylist(),
+            "phot_g_mean_mag": obj.column("phot_g_mean_mag").to_pylist(),
+            "bp_rp": obj.column("bp_rp").to_pylist(),
+            "in_catalog": obj.column("in_catalog").to_pylist(),
+            "rendered": obj.column("rendered").to_pylist(),
+            "var_type": pick("var_type"),
+            "period_d": pick("period_d"),
+            "amplitude_mag": pick("amplitude_mag"),
+            "epoch_mjd": pick("epoch_mjd"),
+            "decline_index": [None] * n,
+        }
+        tr = self.sim.sky.transient
+        if tr is not None:
+            extra = {
+                "source_id": 1,
+                "kind": "transient",
+                "ra": tr["ra"],
+                "dec": tr["dec"],
+                "pmra": 0.0,
+                "pmdec": 0.0,
+                "phot_g_mean_mag": tr["peak_mag"]["zr"],
+                "bp_rp": None,
+                "in_catalog": False,
+                "rendered": True,
+                "var_type": "transient",
+                "period_d": None,
+                "amplitude_mag": None,
+                "epoch_mjd": tr["t0_mjd"],
+                "decline_index": tr["alpha"],
+            }
+            for k, v in extra.items():
+                cols[k].append(v)
+        types = {
+            "source_id": pa.int64(),
+            "kind": pa.string(),
+            "in_catalog": pa.bool_(),
+            "rendered": pa.bool_(),
+            "var_type": pa.string(),
+        }
+        return pa.table({k: pa.array(v, types.get(k, pa.float64())) for k, v in cols.items()})
+
+    def truth_tables(self, night: str) -> dict[str, pa.Table]:
+        """``truth_objects`` and ``truth_asteroids`` rows of one night (no ``_healpix_29``)."""
+        exps = [e for e in self.sim.survey.exposures if e.night == night]
+        objects = [self.sim.scene(e.exposure_id).truth for e in exps]
+        from lakepipe.sim.scene import TRUTH_SCHEMA
+
+        out = {
+            "truth_objects": pa.concat_tables(objects) if objects else TRUTH_SCHEMA.empty_table()
+        }
+        if self.config.n_asteroids:
+            out["truth_asteroids"] = self.sim.asteroids.truth(exps)["positions"]
+        return out
+
+    def write_truth(self, folder: str | Path) -> Path:
+        """Write the truth as a documented folder of Parquet files; returns the folder.
+
+        Layout (hive-partitioned like the lake, queryable with DuckDB
+        ``read_parquet('<folder>/truth_objects/*/*.parquet', hive_partitioning=true)``)::
+
+            <folder>/catalog.parquet                      reference catalog
+            <folder>/truth_sky.parquet                    static sources, variables, transient
+            <folder>/truth_objects/night=<N>/part-0.parquet
+            <folder>/truth_asteroids/night=<N>/part-0.parquet
+            <folder>/truth_orbits.parquet                 asteroid states and elements
+        """
+        folder = Path(folder)
+        self.write_catalog(folder / "catalog.parquet")
+        self._write(folder / "truth_sky.parquet", self.sky_truth())
+        for night in self.nights():
+            for name, table in self.truth_tables(night).items():
+                self._write(
+                    folder / name / f"night={night}" / "part-0.parquet", table.drop(["night"])
+                )
+        if self.config.n_asteroids:
+            self._write(folder / "truth_orbits.parquet", self.asteroid_truth()["asteroids"])
+        return folder
+
+    @staticmethod
+    def _write(path: Path, table: pa.Table) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(path)

@@ -13,12 +13,12 @@ the first pixel at 0, at mid-exposure):
 saturated, dx_pix, dy_pix``
 
 ``kind`` ∈ star, variable, transient, asteroid, appeared, cosmic_ray, hot_pixel,
-bad_column. ``object_id`` is the catalog ``source_id`` for stars, variables and appeared
-sources, 1 for the transient, the asteroid number for asteroids, and an index for
-defects. ``mag`` is in the exposure's filter (NaN for defects); ``flux_adu`` the total
-counts (ADU) in the exposure; ``peak_adu`` the brightest pixel of the noise-free source
-above sky; ``saturated`` whether sky + peak reaches ``SATURATE``; ``(dx_pix, dy_pix)``
-the motion during the exposure (non-zero for asteroids).
+bad_column (x = the column, y = the central row). ``object_id`` is the catalog
+``source_id`` for stars, variables and appeared sources, 1 for the transient, the
+asteroid number for asteroids, and an index for defects. ``mag`` is in the exposure's
+filter (NaN for defects); ``flux_adu`` the total counts (ADU) in the exposure;
+``peak_adu`` the brightest noise-free pixel above sky; ``saturated`` whether sky + peak
+reaches ``SATURATE``; ``(dx_pix, dy_pix)`` the motion during the exposure (asteroids).
 
 Randomness is per exposure and per purpose: noise from ``(seed, 10, exposure_id)``,
 cosmic rays from ``(seed, 12, exposure_id)``, detector defects from
@@ -222,7 +222,7 @@ class VirtualSurvey:
             ra_h, dec_h = exp.wcs.pix2world(hot_ix.astype(float), hot_iy.astype(float))
             add(
                 "hot_pixel",
-                hot_iy * nx + hot_ix,
+                np.arange(len(hot_ix)),
                 hot_ix,
                 hot_iy,
                 ra_h,
@@ -230,16 +230,10 @@ class VirtualSurvey:
                 np.full(len(hot_ix), np.nan),
                 hot_adu,
             )
-            add(
-                "bad_column",
-                [bad_col],
-                [float(bad_col)],
-                [np.nan],
-                [np.nan],
-                [np.nan],
-                [np.nan],
-                [np.nan],
-            )
+            # the dead column: x = its index, y = the central row (where ra/dec point)
+            yc = (ny - 1) / 2.0
+            ra_b, dec_b = exp.wcs.pix2world(np.array([float(bad_col)]), np.array([yc]))
+            add("bad_column", [bad_col], [float(bad_col)], [yc], ra_b, dec_b, [np.nan], [np.nan])
             cr = self._cosmic_rays(exp)
             ra_c, dec_c = exp.wcs.pix2world(cr[3][:, 0], cr[3][:, 1])
             add(
