@@ -1,0 +1,1144 @@
+"""Source extraction and aperture photometry with sep (SExtractor in-process).
+
+Pure functions over numpy arrays: background, detection, seeing, windowed centroids,
+aperture/Kron photometry with a CCD error model, forced photometry and limiting
+magnitudes. :func:`measure_image` chains them the way the ``sources`` stage uses them.
+
+Conventions
+-----------
+- Pixel positions are 0-based with the centre of the first pixel at (0.0, 0.0) (numpy,
+  sep and astropy ``origin=0``); SExtractor's ``X_IMAGE`` is this plus 1.
+- Fluxes are in ADU (data units) above the background; ``mag_inst = -2.5 log10(flux)``
+  (zeropoint 0); ``ra``/``dec`` in degrees ICRS from the image WCS.
+- Errors follow the CCD equation (Merline & Howell 1995, Exp. Astron. 6, 163; Howell
+  2006, *Handbook of CCD Astronomy*, 2nd ed., eq. 4.4), in ADU::
+
+      σ²_F = F / g  +  n_pix (1 + n_pix / n_bkg) σ²_pix
+
+  with ``g`` the gain (e⁻/ADU), ``σ²_pix`` the per-pixel background variance (sky
+  Poisson + read noise: measured from the image, or modelled as ``B / g + (RN / g)²``)
+  and ``n_bkg`` the pixels of the background annulus (the last term only with a local
+  annulus). ``mag_inst_err = 2.5 / ln 10 · σ_F / F``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import sep
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.utils.exceptions import AstropyUserWarning
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage, optimize
+
+# -- flags -------------------------------------------------------------------------------
+
+FLAG_BLENDED = 1  # deblended from a larger detection (sep OBJ_MERGED)
+FLAG_NEAR_EDGE = 2  # aperture or isophote truncated by the image (or NaN) border
+FLAG_SATURATED = 4  # a pixel in the aperture is at or above the saturation level
+FLAG_MASKED = 8  # the aperture contains masked pixels (their flux is interpolated)
+FLAG_ALL_MASKED = 16  # every aperture pixel is masked: no measurement
+FLAG_NONPOSITIVE = 32  # flux <= 0: no magnitude
+FLAG_EXTRACT = 64  # sep extraction trouble (pixel-stack overflow, singular moments)
+FLAG_CENTROID = 128  # windowed centroid failed or wandered: isophotal position kept
+
+FLAG_NAMES = {
+    FLAG_BLENDED: "blended",
+    FLAG_NEAR_EDGE: "near_edge",
+    FLAG_SATURATED: "saturated",
+    FLAG_MASKED: "masked",
+    FLAG_ALL_MASKED: "all_masked",
+    FLAG_NONPOSITIVE: "nonpositive",
+    FLAG_EXTRACT: "extract",
+    FLAG_CENTROID: "centroid",
+}
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / σ ≈ 2.3548
+MAD_TO_SIGMA = 1.482602218505602  # 1 / Φ⁻¹(3/4): MAD → σ for a normal distribution
+MAG_ERR_PER_REL_FLUX = 2.5 / math.log(10.0)  # ≈ 1.0857
+
+# sep's default detection kernel is SExtractor's default.conv (3×3 pyramid, FWHM 2 px).
+DEFAULT_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+
+# Header keywords tried, in order, for the detector properties.
+GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "GAINEFF")
+RDNOISE_KEYS = ("RDNOISE", "READNOI", "READNOIS", "RON", "CCDRON", "READNOISE")
+SATURATE_KEYS = ("SATURATE", "SATURATN", "SATLEVEL", "SATUR")
+ZEROPOINT_KEYS = ("MAGZP", "ZEROPT", "MAGZERO", "PHOTZP", "ZP")
+
+
+# -- parameters --------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackgroundParams(_Model):
+    """sep/SExtractor background: a mesh of σ-clipped modes, median-filtered, splined."""
+
+    mesh_pix: int = Field(64, ge=4, description="Background mesh size (BACK_SIZE), pixels")
+    filter_size: int = Field(3, ge=1, description="Median filter over meshes (BACK_FILTERSIZE)")
+    fthresh: float = Field(0.0, description="Filter only meshes above this (BACK_FILTERTHRESH)")
+    mode: Literal["global", "local"] = Field(
+        "global",
+        description="Photometric background: the mesh map ('global', BACKPHOTO_TYPE) or a "
+        "local annulus around each source ('local')",
+    )
+    annulus_pix: tuple[float, float] | None = Field(
+        None, description="Local annulus inner/outer radius, pixels (default 3×/5× FWHM)"
+    )
+
+
+class DetectParams(_Model):
+    """sep.extract settings (SExtractor names in brackets)."""
+
+    threshold_sigma: float = Field(
+        4.0,
+        gt=0,
+        description="Threshold in σ of the background rms (of the filtered image with the "
+        "default matched filter): 4 keeps pure-noise detections below 1 per 10^6 pixels",
+    )
+    threshold_rms: Literal["local", "global"] = Field(
+        "local", description="σ per pixel from the rms map ('local') or one global rms"
+    )
+    minarea: int = Field(5, ge=1, description="Minimum pixels above threshold [DETECT_MINAREA]")
+    deblend_nthresh: int = Field(32, ge=1, description="Deblending levels [DEBLEND_NTHRESH]")
+    deblend_cont: float = Field(
+        0.005, ge=0, le=1, description="Minimum contrast [DEBLEND_MINCONT]; 1 disables"
+    )
+    clean: bool = Field(True, description="Clean spurious detections [CLEAN]")
+    clean_param: float = Field(1.0, gt=0, description="Cleaning efficiency [CLEAN_PARAM]")
+    filter: Literal["default", "seeing", "none"] = Field(
+        "default",
+        description="Detection kernel: SExtractor's default.conv, a Gaussian matched to "
+        "the measured seeing, or none",
+    )
+    filter_type: Literal["matched", "conv"] = Field("matched", description="sep filter type")
+    centroid: Literal["windowed", "isophotal"] = Field(
+        "windowed", description="Positions: windowed (XWIN) or isophotal barycentre (X_IMAGE)"
+    )
+    edge_buffer_pix: float = Field(
+        0.0, ge=0, description="Also flag near_edge within this many pixels of the border"
+    )
+
+
+class ApertureParams(_Model):
+    """Aperture photometry mode and radii."""
+
+    mode: Literal["fixed", "fwhm", "multi"] = Field("fwhm", description="How radii are chosen")
+    radius: float | None = Field(
+        None, gt=0, description="fixed: aperture radius in `unit` (pix or arcsec)"
+    )
+    unit: Literal["pix", "arcsec"] = Field("pix", description="Unit of `radius`/`radii`")
+    scale: float = Field(2.0, gt=0, description="fwhm: radius = scale × FWHM")
+    radii: list[float] | None = Field(None, description="multi: radii in `unit`")
+    keep: Literal["all", "best"] = Field(
+        "best", description="multi: one row per radius, or the best-SNR radius per image"
+    )
+    kron: bool = Field(False, description="Also measure Kron (AUTO) flux")
+    kron_factor: float = Field(2.5, gt=0, description="Kron radius factor [PHOT_AUTOPARAMS]")
+    kron_min_radius: float = Field(3.5, ge=0, description="Minimum Kron radius [PHOT_AUTOPARAMS]")
+    subpix: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Pixel subsampling for aperture overlap; 0 = exact (SExtractor uses 5)",
+    )
+    error_model: Literal["empirical", "ccd"] = Field(
+        "empirical",
+        description="Per-pixel background variance: measured rms map ('empirical') or "
+        "B/g + (RN/g)^2 from the background level, gain and read noise ('ccd')",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ApertureParams:
+        if self.mode == "fixed" and self.radius is None:
+            raise ValueError("aperture.mode 'fixed' needs aperture.radius")
+        if self.mode == "multi" and not self.radii:
+            raise ValueError("aperture.mode 'multi' needs aperture.radii (a non-empty list)")
+        if self.radii is not None and any(r <= 0 for r in self.radii):
+            raise ValueError("aperture.radii must all be > 0")
+        return self
+
+
+class LimitingMagParams(_Model):
+    """Per-image 5σ limiting magnitude."""
+
+    mode: Literal["analytic", "random"] = Field(
+        "analytic", description="Analytic from rms and aperture, or random blank-sky apertures"
+    )
+    n_apertures: int = Field(500, ge=20, description="random: number of apertures")
+    seed: int = Field(0, description="random: RNG seed (combined with the image id)")
+    dilate_fwhm: float = Field(1.0, ge=0, description="random: grow source masks by this × FWHM")
+    nsigma: float = Field(5.0, gt=0, description="Limit in σ (5 by the lake's convention)")
+
+
+class SeeingParams(_Model):
+    """Per-image FWHM from bright, unsaturated, isolated point sources."""
+
+    max_stars: int = Field(20, ge=3, description="Brightest candidates fitted")
+    min_snr: float = Field(30.0, gt=0, description="Minimum isophotal SNR of candidates")
+    isolation_fwhm: float = Field(5.0, gt=0, description="No neighbour within this × FWHM")
+    default_fwhm_pix: float = Field(3.0, gt=0, description="Used when no star qualifies")
+
+
+# -- images ------------------------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    """One image ready for measurement; ``mask`` marks pixels to ignore (True = bad)."""
+
+    data: np.ndarray
+    header: fits.Header = field(default_factory=fits.Header)
+    mask: np.ndarray | None = None
+    wcs: object | None = None  # astropy WCS (celestial), None when the header has none
+    gain_e_per_adu: float | None = None
+    rdnoise_e: float | None = None
+    saturate_adu: float | None = None
+    zeropoint_mag: float | None = None
+    note: str = ""
+
+
+def header_float(header: fits.Header, keys: Sequence[str]) -> float | None:
+    """First finite numeric value among ``keys`` (non-standard cards tolerated)."""
+    for k in keys:
+        if k in header:
+            try:
+                v = float(header[k])
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                return v
+    return None
+
+
+def image_from_array(
+    data: np.ndarray,
+    header: fits.Header | None = None,
+    *,
+    mask: np.ndarray | None = None,
+    gain_e_per_adu: float | None = None,
+    rdnoise_e: float | None = None,
+    saturate_adu: float | None = None,
+    zeropoint_mag: float | None = None,
+) -> Image:
+    """Build an :class:`Image`: native-endian float data, NaNs masked, WCS and detector
+    properties read from the header unless given."""
+    from lakepipe.astro.wcs import celestial_wcs
+
+    header = header if header is not None else fits.Header()
+    arr = np.asarray(data)
+    dtype = np.float64 if arr.dtype == np.float64 else np.float32
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("="))
+    bad = ~np.isfinite(arr)
+    if mask is not None:
+        bad |= np.asarray(mask, bool)
+    if bad.any():
+        arr = arr.copy()
+        arr[~np.isfinite(arr)] = 0.0
+    notes = []
+    try:
+        wcs = celestial_wcs(header)
+    except Exception as exc:  # no or unusable celestial WCS: pixel positions only
+        wcs = None
+        notes.append(f"no celestial WCS ({exc}); ra/dec are null")
+    return Image(
+        data=arr,
+        header=header,
+        mask=bad if bad.any() else None,
+        wcs=wcs,
+        gain_e_per_adu=gain_e_per_adu
+        if gain_e_per_adu is not None
+        else header_float(header, GAIN_KEYS),
+        rdnoise_e=rdnoise_e if rdnoise_e is not None else header_float(header, RDNOISE_KEYS),
+        saturate_adu=saturate_adu
+        if saturate_adu is not None
+        else header_float(header, SATURATE_KEYS),
+        zeropoint_mag=zeropoint_mag
+        if zeropoint_mag is not None
+        else header_float(header, ZEROPOINT_KEYS),
+        note="; ".join(notes),
+    )
+
+
+def read_fits_image(
+    path: str | Path,
+    *,
+    hdu: int | str | None = None,
+    mask_hdu: int | str | None = None,
+    mask_bits: int | None = None,
+) -> Image:
+    """Read an image (first 2-D HDU unless ``hdu``) and its mask from a FITS file.
+
+    Integer data are scaled by BSCALE/BZERO (astropy applies them). The primary header
+    is merged under an extension header (inherited keywords such as GAIN). The mask is
+    ``mask_hdu`` or an extension named MASK/BPM/DQ; a pixel is bad where
+    ``mask & mask_bits`` is non-zero (any non-zero value when ``mask_bits`` is None).
+    """
+    # Real headers carry non-standard cards (ESO-LOG, HIERARCH variants, blank CTYPEs);
+    # astropy warns while parsing them and keeps them as-is, which is what we want.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        warnings.simplefilter("ignore", VerifyWarning)
+        return _read_fits_image(path, hdu, mask_hdu, mask_bits)
+
+
+def _read_fits_image(
+    path: str | Path, hdu: int | str | None, mask_hdu: int | str | None, mask_bits: int | None
+) -> Image:
+    with fits.open(path, memmap=False) as hdul:
+        idx = _pick_hdu(hdul, hdu)
+        header = hdul[idx].header.copy()
+        if idx != 0:
+            for card in hdul[0].header.cards:
+                if (
+                    card.keyword
+                    and card.keyword not in header
+                    and card.keyword
+                    not in (
+                        "SIMPLE",
+                        "BITPIX",
+                        "NAXIS",
+                        "EXTEND",
+                        "COMMENT",
+                        "HISTORY",
+                        "",
+                    )
+                ):
+                    header.append(card)
+        data = np.asarray(hdul[idx].data)
+        mask = None
+        m_idx = _pick_mask(hdul, mask_hdu)
+        if m_idx is not None:
+            mvals = np.asarray(hdul[m_idx].data)
+            if mvals.shape != data.shape:
+                raise ValueError(
+                    f"{path}: mask HDU {m_idx} has shape {mvals.shape}, image {data.shape}"
+                )
+            if mask_bits is not None and np.issubdtype(mvals.dtype, np.integer):
+                mask = (mvals.astype(np.int64) & int(mask_bits)) != 0
+            else:
+                mask = mvals != 0
+    return image_from_array(data, header, mask=mask)
+
+
+def _pick_hdu(hdul: fits.HDUList, hdu: int | str | None) -> int:
+    if hdu is not None:
+        return hdul.index_of(hdu)
+    for i, h in enumerate(hdul):
+        name = (h.name or "").upper()
+        if h.is_image and h.data is not None and h.data.ndim == 2 and name not in _MASK_NAMES:
+            return i
+    raise ValueError("no 2-D image HDU in the file")
+
+
+_MASK_NAMES = ("MASK", "BPM", "DQ", "FLAGS", "BADPIX")
+
+
+def _pick_mask(hdul: fits.HDUList, mask_hdu: int | str | None) -> int | None:
+    if mask_hdu is not None:
+        return hdul.index_of(mask_hdu)
+    for i, h in enumerate(hdul):
+        if (h.name or "").upper() in _MASK_NAMES and h.data is not None:
+            return i
+    return None
+
+
+# -- background and detection ------------------------------------------------------------
+
+
+def background(
+    data: np.ndarray, mask: np.ndarray | None, params: BackgroundParams
+) -> sep.Background:
+    """sep background model (SExtractor algorithm: clipped mode per mesh, median filter)."""
+    return sep.Background(
+        data,
+        mask=mask,
+        bw=params.mesh_pix,
+        bh=params.mesh_pix,
+        fw=params.filter_size,
+        fh=params.filter_size,
+        fthresh=params.fthresh,
+    )
+
+
+def gaussian_kernel(fwhm_pix: float) -> np.ndarray:
+    """Normalised circular Gaussian kernel, side 2·ceil(1.5 FWHM)+1 (odd, ≥ 3)."""
+    sigma = fwhm_pix / FWHM_PER_SIGMA
+    half = max(1, math.ceil(1.5 * fwhm_pix))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    k = np.exp(-(xx**2 + yy**2) / (2.0 * sigma**2))
+    return k / k.sum()
+
+
+def _ensure_pixstack(npix: int) -> None:
+    # sep's pixel stack (SExtractor MEMORY_PIXSTACK) must hold the pixels of all objects
+    # open at once; a large image with bright stars overflows the default 300 000.
+    need = max(300_000, npix // 10)
+    if sep.get_extract_pixstack() < need:
+        sep.set_extract_pixstack(need)
+    if sep.get_sub_object_limit() < 4096:
+        sep.set_sub_object_limit(4096)
+
+
+def detect(
+    data_sub: np.ndarray,
+    bkg: sep.Background,
+    mask: np.ndarray | None,
+    params: DetectParams,
+    *,
+    kernel: np.ndarray | None = DEFAULT_KERNEL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extract objects from a background-subtracted image; returns (objects, segmap)."""
+    _ensure_pixstack(data_sub.size)
+    err = bkg.globalrms if params.threshold_rms == "global" else bkg.rms()
+    return sep.extract(
+        data_sub,
+        params.threshold_sigma,
+        err=err,
+        mask=mask,
+        minarea=params.minarea,
+        filter_kernel=kernel,
+        filter_type=params.filter_type,
+        deblend_nthresh=params.deblend_nthresh,
+        deblend_cont=params.deblend_cont,
+        clean=params.clean,
+        clean_param=params.clean_param,
+        segmentation_map=True,
+    )
+
+
+# -- seeing ------------------------------------------------------------------------------
+
+
+def _moffat_pixels(p: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Circular Moffat (Moffat 1969, A&A 3, 455) averaged over sub-pixel samples.
+
+    I(r) = A (1 + r²/α²)^-β + c with α = FWHM / (2 sqrt(2^(1/β) - 1)), parametrised by
+    (A, x0, y0, FWHM, u = 1/β, c) so that u → 0 is the Gaussian limit and the FWHM stays
+    put while the wings are fitted. ``xs``/``ys`` hold the sub-pixel samples on axis 0.
+    """
+    amp, x0, y0, fwhm, u, c = p
+    alpha2 = fwhm**2 / (4.0 * (2.0**u - 1.0))
+    r2 = (xs - x0) ** 2 + (ys - y0) ** 2
+    return amp * ((1.0 + r2 / alpha2) ** (-1.0 / u)).mean(axis=0) + c
+
+
+def moffat_fwhm(alpha: float, beta: float) -> float:
+    """FWHM of a Moffat profile (pixels when α is in pixels)."""
+    return 2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0)
+
+
+def fit_fwhm(stamp: np.ndarray, x0: float, y0: float, fwhm_guess: float) -> float:
+    """FWHM (pixels) of one star from a pixel-integrated circular Moffat fit; NaN if the
+    fit fails. A Gaussian is the β → ∞ limit (β is allowed up to 50)."""
+    ny, nx = stamp.shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    sub = np.array([-1.0, 0.0, 1.0]) / 3.0  # 3×3 samples per pixel
+    dx, dy = (a.ravel() for a in np.meshgrid(sub, sub))
+    xs = xx[None] + dx[:, None, None]
+    ys = yy[None] + dy[:, None, None]
+    fwhm0 = max(fwhm_guess, 1.0)
+    p0 = np.array([max(float(stamp.max()), 1e-6), x0, y0, fwhm0, 0.25, 0.0])
+    lo = [0.0, x0 - 2.0, y0 - 2.0, 0.3, 0.02, -np.inf]
+    hi = [np.inf, x0 + 2.0, y0 + 2.0, 2.0 * max(nx, ny), 0.99, np.inf]
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        return (_moffat_pixels(p, xs, ys) - stamp).ravel()
+
+    try:
+        res = optimize.least_squares(
+            resid, p0, bounds=(lo, hi), x_scale="jac", max_nfev=60, xtol=1e-5, ftol=1e-6
+        )
+    except (ValueError, np.linalg.LinAlgError):
+        return float("nan")
+    if res.status <= 0 and res.nfev < 60:
+        return float("nan")
+    return float(res.x[3])
+
+
+def estimate_fwhm(
+    data_sub: np.ndarray,
+    objects: np.ndarray,
+    *,
+    rms: float,
+    saturate_adu: float | None,
+    data_raw: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    params: SeeingParams | None = None,
+) -> tuple[float, int, np.ndarray]:
+    """Per-image FWHM (pixels): median of Moffat fits to bright, unsaturated, isolated,
+    unflagged stars. Returns (fwhm_pix, n_stars, indices of the stars used); NaN and 0
+    when none qualifies."""
+    params = params or SeeingParams()
+    n = len(objects)
+    if n == 0:
+        return float("nan"), 0, np.array([], int)
+    ny, nx = data_sub.shape
+    x, y = objects["x"], objects["y"]
+    rough = FWHM_PER_SIGMA * np.sqrt(np.clip(objects["a"] * objects["b"], 0.0, None))
+    rough_med = float(np.median(rough)) if np.isfinite(rough).any() else params.default_fwhm_pix
+    rough_med = max(rough_med, 1.0)
+    snr = objects["flux"] / (np.sqrt(np.maximum(objects["npix"], 1)) * max(rms, 1e-30))
+    ok = (objects["flag"] == 0) & (snr >= params.min_snr)
+    # elongated detections are galaxies, trails or blends, not the PSF
+    ok &= objects["b"] / np.maximum(objects["a"], 1e-9) > 0.6
+    half = math.ceil(4.0 * rough_med) + 3
+    ok &= (x >= half) & (x < nx - half) & (y >= half) & (y < ny - half)
+    # isolation: no other detection (of any brightness) within isolation_fwhm × FWHM
+    if n > 1:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([x, y]))
+        d, _ = tree.query(np.column_stack([x, y]), k=2)
+        ok &= d[:, 1] > params.isolation_fwhm * rough_med
+    idx = np.flatnonzero(ok)
+    if saturate_adu is not None and data_raw is not None and len(idx):
+        keep = []
+        for i in idx:
+            xi, yi = round(x[i]), round(y[i])
+            box = data_raw[yi - half : yi + half + 1, xi - half : xi + half + 1]
+            if float(box.max()) < 0.8 * saturate_adu:
+                keep.append(i)
+        idx = np.array(keep, int)
+    if mask is not None and len(idx):
+        idx = np.array(
+            [
+                i
+                for i in idx
+                if not mask[
+                    round(y[i]) - half : round(y[i]) + half + 1,
+                    round(x[i]) - half : round(x[i]) + half + 1,
+                ].any()
+            ],
+            int,
+        )
+    idx = idx[np.argsort(-objects["flux"][idx], kind="stable")][: params.max_stars]
+    if len(idx) == 0:
+        return float("nan"), 0, np.array([], int)
+    # first guess: FWHM = 2 r_50 (exact for a Gaussian)
+    r50, _ = sep.flux_radius(data_sub, x[idx], y[idx], np.full(len(idx), float(half)), 0.5)
+    guess = np.where(np.isfinite(r50) & (r50 > 0), 2.0 * r50, rough_med)
+    fwhms = []
+    used = []
+    for i, g in zip(idx, guess, strict=True):
+        h = min(half, math.ceil(2.0 * g) + 2)
+        xi, yi = round(x[i]), round(y[i])
+        stamp = np.asarray(data_sub[yi - h : yi + h + 1, xi - h : xi + h + 1], dtype=float)
+        f = fit_fwhm(stamp, x[i] - (xi - h), y[i] - (yi - h), g)
+        if np.isfinite(f) and 0.5 < f < 4.0 * half:
+            fwhms.append(f)
+            used.append(i)
+    if not fwhms:
+        return float("nan"), 0, np.array([], int)
+    return float(np.median(fwhms)), len(fwhms), np.array(used, int)
+
+
+# -- centroids and photometry ------------------------------------------------------------
+
+
+def windowed_centroids(
+    data_sub: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    fwhm_pix: float,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windowed positions (SExtractor XWIN/YWIN) with a Gaussian window σ = FWHM/2.3548.
+
+    Returns (x, y, failed); failed positions (non-finite, or moved more than one FWHM)
+    keep the input position.
+    """
+    if len(x) == 0:
+        return np.asarray(x, float), np.asarray(y, float), np.zeros(0, bool)
+    sig = fwhm_pix / FWHM_PER_SIGMA
+    xw, yw, flag = sep.winpos(data_sub, x, y, sig, mask=mask)
+    bad = ~np.isfinite(xw) | ~np.isfinite(yw) | (np.hypot(xw - x, yw - y) > fwhm_pix)
+    bad |= flag != 0
+    xw = np.where(bad, x, xw)
+    yw = np.where(bad, y, yw)
+    return xw, yw, bad
+
+
+@dataclass
+class ApertureResult:
+    """Aperture photometry of N positions (ADU; flags as the FLAG_* bits)."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    flags: np.ndarray
+    background_adu: np.ndarray  # local background level per pixel (annulus mean or map)
+
+
+def pixel_variance(
+    bkg_level: np.ndarray | float,
+    bkg_rms: np.ndarray | float,
+    *,
+    error_model: str,
+    gain_e_per_adu: float | None,
+    rdnoise_e: float | None,
+) -> np.ndarray | float:
+    """Per-pixel background variance in ADU² for the CCD equation.
+
+    ``empirical``: the measured background rms² (sky Poisson and read noise as they are).
+    ``ccd``: B/g + (RN/g)² (Howell 2006 eq. 4.4 with dark current neglected).
+    """
+    if error_model == "ccd":
+        if not gain_e_per_adu or rdnoise_e is None:
+            raise ValueError(
+                "error_model 'ccd' needs the gain and read noise (GAIN/RDNOISE header "
+                "cards); use error_model: empirical"
+            )
+        return np.clip(bkg_level, 0.0, None) / gain_e_per_adu + (rdnoise_e / gain_e_per_adu) ** 2
+    return np.asarray(bkg_rms) ** 2 if np.ndim(bkg_rms) else float(bkg_rms) ** 2
+
+
+def fill_masked(data_sub: np.ndarray, mask: np.ndarray, *, max_iter: int = 10) -> np.ndarray:
+    """Copy of a background-subtracted image with masked pixels interpolated.
+
+    Normalised convolution (Knutsson & Westin 1993) with a 3×3 Gaussian-like kernel,
+    repeated so gaps up to ``2 max_iter`` pixels wide are filled from their edges; what
+    is still unfilled (large masked areas, NaN borders) is set to 0, the background.
+    Unlike scaling the aperture sum by its unmasked area, this keeps the flux of a bad
+    column crossing a star's core (the column is replaced by its neighbours' mean).
+    """
+    out = np.array(data_sub, copy=True)
+    good = ~np.asarray(mask, bool)
+    out[~good] = 0.0
+    if good.all():
+        return out
+    k = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+    rows, cols = np.nonzero(~good)
+    pad = max_iter + 2
+    y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, out.shape[0])
+    x0, x1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, out.shape[1])
+    sub = out[y0:y1, x0:x1].astype(float)
+    w = good[y0:y1, x0:x1].astype(float)
+    for _ in range(max_iter):
+        todo = w == 0
+        if not todo.any():
+            break
+        num = ndimage.convolve(sub * w, k, mode="constant")
+        den = ndimage.convolve(w, k, mode="constant")
+        fill = todo & (den > 0)
+        sub[fill] = num[fill] / den[fill]
+        w[fill] = 1.0
+    out[y0:y1, x0:x1] = sub
+    return out
+
+
+def aperture_photometry(
+    data_sub: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius_pix: float | np.ndarray,
+    *,
+    var: np.ndarray | float,
+    gain_e_per_adu: float | None = None,
+    mask: np.ndarray | None = None,
+    annulus_pix: tuple[float, float] | None = None,
+    saturated: np.ndarray | None = None,
+    bkg_map: np.ndarray | None = None,
+    subpix: int = 0,
+) -> ApertureResult:
+    """Circular-aperture flux and its CCD-equation error at (x, y).
+
+    ``var`` is the per-pixel background variance (ADU², map or scalar); the source
+    Poisson term F/g is added when the gain (e⁻/ADU) is known. ``data_sub`` should have
+    masked pixels already interpolated (:func:`fill_masked`); ``mask`` flags apertures
+    that contain them and is ignored in the background annulus. With ``annulus_pix`` the
+    annulus mean is subtracted and its error n_ap² σ²/n_ann added (the last term of the
+    CCD equation).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    n = len(x)
+    if n == 0:
+        e = np.zeros(0)
+        return ApertureResult(e, e.copy(), np.zeros(0, np.int32), e.copy())
+    kw: dict = {"var": var, "subpix": subpix}
+    if gain_e_per_adu:
+        kw["gain"] = gain_e_per_adu
+    flux, ferr, sflag = sep.sum_circle(data_sub, x, y, radius_pix, **kw)
+    flux = np.asarray(flux, float)
+    ferr = np.asarray(ferr, float)
+    flags = np.zeros(n, np.int32)
+    flags[(sflag & sep.APER_TRUNC) != 0] |= FLAG_NEAR_EDGE
+    area_ap = math.pi * np.asarray(radius_pix, float) ** 2
+    if mask is not None and mask.any():
+        nmask, _, _ = sep.sum_circle(mask.astype(np.float32), x, y, radius_pix, subpix=subpix)
+        flags[nmask > 0] |= FLAG_MASKED
+        flags[nmask >= 0.999 * area_ap] |= FLAG_ALL_MASKED
+    if saturated is not None and saturated.any():
+        nsat, _, _ = sep.sum_circle(saturated.astype(np.float32), x, y, radius_pix, subpix=1)
+        flags[nsat > 0] |= FLAG_SATURATED
+    local = _sample(bkg_map, x, y) if bkg_map is not None else np.zeros(n)
+    if annulus_pix is not None:
+        rin, rout = annulus_pix
+        area_ann = math.pi * (rout**2 - rin**2)
+        # masked annulus pixels: sep scales the sum to the full annulus area
+        bsum, berr, _ = sep.sum_circann(
+            data_sub, x, y, rin, rout, var=var, mask=mask, subpix=subpix
+        )
+        bmean = np.asarray(bsum, float) / area_ann
+        flux = flux - bmean * area_ap
+        ferr = np.sqrt(ferr**2 + (np.asarray(berr, float) * area_ap / area_ann) ** 2)
+        local = local + bmean
+    flags[~(flux > 0)] |= FLAG_NONPOSITIVE
+    return ApertureResult(flux, ferr, flags, local)
+
+
+def _sample(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    ny, nx = img.shape
+    xi = np.clip(np.round(x).astype(int), 0, nx - 1)
+    yi = np.clip(np.round(y).astype(int), 0, ny - 1)
+    return np.asarray(img[yi, xi], float)
+
+
+def kron_photometry(
+    data_sub: np.ndarray,
+    objects: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    var: np.ndarray | float,
+    gain_e_per_adu: float | None,
+    mask: np.ndarray | None,
+    kron_factor: float = 2.5,
+    min_radius: float = 3.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kron (FLUX_AUTO) flux: ellipse of kron_factor × Kron radius, circular minimum
+    radius ``min_radius`` pixels (Kron 1980, ApJS 43, 305; SExtractor PHOT_AUTOPARAMS).
+    Returns (flux, flux_err, kron_radius_pix along the major axis)."""
+    if len(x) == 0:
+        e = np.zeros(0)
+        return e, e.copy(), e.copy()
+    a, b, theta = objects["a"], objects["b"], objects["theta"]
+    kr, _ = sep.kron_radius(data_sub, x, y, a, b, theta, 6.0, mask=mask)
+    kr = np.where(np.isfinite(kr), kr, 0.0)
+    kw: dict = {"var": var, "mask": mask, "subpix": 1}
+    if gain_e_per_adu:
+        kw["gain"] = gain_e_per_adu
+    flux, ferr, _ = sep.sum_ellipse(data_sub, x, y, a, b, theta, kron_factor * kr, **kw)
+    r_circ = kron_factor * kr * np.sqrt(a * b)
+    small = r_circ < min_radius
+    if small.any():
+        cf, ce, _ = sep.sum_circle(data_sub, x[small], y[small], min_radius, **kw)
+        flux[small], ferr[small] = cf, ce
+    return np.asarray(flux, float), np.asarray(ferr, float), kron_factor * kr * a
+
+
+def magnitudes(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Instrumental magnitude -2.5 log10(F) and error 1.0857 σ_F / F (NaN for F ≤ 0)."""
+    flux = np.asarray(flux, float)
+    ok = flux > 0
+    mag = np.full(flux.shape, np.nan)
+    err = np.full(flux.shape, np.nan)
+    mag[ok] = -2.5 * np.log10(flux[ok])
+    err[ok] = MAG_ERR_PER_REL_FLUX * np.asarray(flux_err, float)[ok] / flux[ok]
+    return mag, err
+
+
+# -- limiting magnitude ------------------------------------------------------------------
+
+
+def limiting_mag_analytic(
+    sigma_pix_adu: float, radius_pix: float, *, nsigma: float = 5.0, apcorr: float = 1.0
+) -> float:
+    """nσ point-source limit (instrumental mag) for a background-limited aperture.
+
+    σ_ap = σ_pix sqrt(π r²) (the CCD equation without the source term, Howell 2006);
+    the limit is the total flux whose aperture flux (fraction ``apcorr`` of the total)
+    equals nσ_ap: m = -2.5 log10(n σ_ap / apcorr).
+    """
+    sigma_ap = sigma_pix_adu * math.sqrt(math.pi) * radius_pix
+    return -2.5 * math.log10(nsigma * sigma_ap / apcorr)
+
+
+def random_aperture_sigma(
+    data_sub: np.ndarray,
+    source_mask: np.ndarray,
+    radius_pix: float,
+    *,
+    n_apertures: int,
+    rng: np.random.Generator,
+    edge_buffer_pix: float | None = None,
+) -> tuple[float, int]:
+    """Robust σ (ADU) of fluxes in apertures placed at random on blank sky.
+
+    Centres are drawn from pixels whose whole aperture avoids ``source_mask`` (True =
+    source or bad pixel; dilate it beforehand) and the image border plus a buffer; σ is
+    1.4826 × MAD of the aperture sums. Returns (σ, number of apertures used).
+    """
+    ny, nx = data_sub.shape
+    r = float(radius_pix)
+    buf = r + (edge_buffer_pix if edge_buffer_pix is not None else r)
+    # a centre is allowed when no masked pixel lies within r (+ 1 px for pixel overlap)
+    rr = math.ceil(r + 1.0)
+    yy, xx = np.mgrid[-rr : rr + 1, -rr : rr + 1]
+    disk = xx**2 + yy**2 <= (r + 1.0) ** 2
+    blocked = ndimage.binary_dilation(source_mask, structure=disk)
+    b = math.ceil(buf)
+    allowed = ~blocked
+    allowed[:b, :] = False
+    allowed[ny - b :, :] = False
+    allowed[:, :b] = False
+    allowed[:, nx - b :] = False
+    cand = np.flatnonzero(allowed.ravel())
+    if len(cand) < 20:
+        return float("nan"), 0
+    pick = rng.choice(cand, size=min(n_apertures, len(cand)), replace=False)
+    cy, cx = np.divmod(pick, nx)
+    flux, _, _ = sep.sum_circle(data_sub, cx.astype(float), cy.astype(float), r, subpix=0)
+    med = np.median(flux)
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(flux - med)))
+    return sigma, len(pick)
+
+
+def source_mask_from_segmap(
+    segmap: np.ndarray, grow_pix: float, extra: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixels belonging to detections, dilated by ``grow_pix`` (disk), plus ``extra``."""
+    m = segmap > 0
+    g = math.ceil(grow_pix)
+    if g > 0:
+        yy, xx = np.mgrid[-g : g + 1, -g : g + 1]
+        m = ndimage.binary_dilation(m, structure=xx**2 + yy**2 <= grow_pix**2)
+    if extra is not None:
+        m |= extra
+    return m
+
+
+# -- the whole image ---------------------------------------------------------------------
+
+
+@dataclass
+class ImageMeasurement:
+    """Per-source columns (numpy arrays, one entry per row) and per-image statistics."""
+
+    sources: dict[str, np.ndarray]
+    stats: dict[str, object]
+
+
+def aperture_radii_pix(
+    params: ApertureParams, fwhm_pix: float, pixscale_arcsec: float | None
+) -> list[float]:
+    """The aperture radii in pixels implied by the mode."""
+
+    def to_pix(r: float) -> float:
+        if params.unit == "pix":
+            return float(r)
+        if not pixscale_arcsec:
+            raise ValueError("aperture radius given in arcsec but the image has no pixel scale")
+        return float(r) / pixscale_arcsec
+
+    if params.mode == "fixed":
+        return [to_pix(params.radius)]  # type: ignore[arg-type]
+    if params.mode == "fwhm":
+        return [params.scale * fwhm_pix]
+    return [to_pix(r) for r in params.radii or ()]
+
+
+def measure_image(
+    image: Image,
+    *,
+    background_params: BackgroundParams | None = None,
+    detect_params: DetectParams | None = None,
+    aperture_params: ApertureParams | None = None,
+    limiting_params: LimitingMagParams | None = None,
+    seeing_params: SeeingParams | None = None,
+    forced_radec: tuple[np.ndarray, np.ndarray] | None = None,
+    forced_xy: tuple[np.ndarray, np.ndarray] | None = None,
+    seed: int = 0,
+) -> ImageMeasurement:
+    """Detect, measure and characterise one image; see the module docstring.
+
+    Detected sources come first (sorted by y, x of their isophotal barycentre), then
+    forced positions (``forced_radec`` needs a WCS; ``forced_xy`` is in 0-based
+    pixels) in the given order with ``forced`` True and ``forced_index`` their index.
+    """
+    bp = background_params or BackgroundParams()
+    dp = detect_params or DetectParams()
+    ap = aperture_params or ApertureParams()
+    lp = limiting_params or LimitingMagParams()
+    sp = seeing_params or SeeingParams()
+    data = image.data
+    mask = image.mask
+    ny, nx = data.shape
+    bkg = background(data, mask, bp)
+    back = bkg.back()
+    data_sub = (data - back).astype(data.dtype, copy=False)
+    if mask is not None:
+        data_sub[mask] = 0.0
+    # photometry sees masked pixels interpolated from their neighbours; detection and
+    # the background ignore them through the mask
+    data_phot = fill_masked(data_sub, mask) if mask is not None else data_sub
+    saturated = None
+    if image.saturate_adu is not None:
+        saturated = data >= image.saturate_adu
+        if mask is not None:
+            saturated &= ~mask
+    objects, segmap = detect(data_sub, bkg, mask, dp, kernel=_kernel(dp, None))
+    fwhm, n_fwhm, star_idx = estimate_fwhm(
+        data_sub,
+        objects,
+        rms=bkg.globalrms,
+        saturate_adu=image.saturate_adu,
+        data_raw=data,
+        mask=mask,
+        params=sp,
+    )
+    fwhm_ok = bool(np.isfinite(fwhm))
+    fwhm_used = fwhm if fwhm_ok else sp.default_fwhm_pix
+    if dp.filter == "seeing":
+        objects, segmap = detect(data_sub, bkg, mask, dp, kernel=_kernel(dp, fwhm_used))
+        if fwhm_ok:
+            fwhm, n_fwhm, star_idx = estimate_fwhm(
+                data_sub,
+                objects,
+                rms=bkg.globalrms,
+                saturate_adu=image.saturate_adu,
+                data_raw=data,
+                mask=mask,
+                params=sp,
+            )
+            fwhm_used = fwhm if np.isfinite(fwhm) else fwhm_used
+    order = np.lexsort((objects["x"], objects["y"]))
+    objects = objects[order]
+    star_idx = np.flatnonzero(np.isin(order, star_idx))
+
+    # positions
+    xi, yi = np.asarray(objects["x"], float), np.asarray(objects["y"], float)
+    cflag = np.zeros(len(objects), bool)
+    if dp.centroid == "windowed":
+        xs, ys, cflag = windowed_centroids(data_sub, xi, yi, fwhm_used, mask)
+    else:
+        xs, ys = xi, yi
+    n_det = len(xs)
+    fx = np.zeros(0)
+    fy = np.zeros(0)
+    if forced_xy is not None:
+        fx, fy = np.asarray(forced_xy[0], float), np.asarray(forced_xy[1], float)
+    elif forced_radec is not None and len(forced_radec[0]):
+        if image.wcs is None:
+            raise ValueError("forced photometry at sky positions needs a celestial WCS")
+        from lakepipe.astro.wcs import sky_to_pixel
+
+        fx, fy = sky_to_pixel(image.wcs, forced_radec[0], forced_radec[1])
+    forced_index = np.arange(len(fx))
+    on = np.isfinite(fx) & np.isfinite(fy)
+    on &= (fx >= -0.5) & (fx < nx - 0.5) & (fy >= -0.5) & (fy < ny - 0.5)
+    fx, fy, forced_index = fx[on], fy[on], forced_index[on]
+    x_all = np.concatenate([xs, fx])
+    y_all = np.concatenate([ys, fy])
+    forced = np.concatenate([np.zeros(n_det, bool), np.ones(len(fx), bool)])
+
+    # photometry
+    var = pixel_variance(
+        back,
+        bkg.rms(),
+        error_model=ap.error_model,
+        gain_e_per_adu=image.gain_e_per_adu,
+        rdnoise_e=image.rdnoise_e,
+    )
+    annulus = None
+    if bp.mode == "local":
+        annulus = bp.annulus_pix or (3.0 * fwhm_used, 5.0 * fwhm_used)
+    pixscale = _pixscale(image)
+    radii = aperture_radii_pix(ap, fwhm_used, pixscale)
+    results = [
+        aperture_photometry(
+            data_phot,
+            x_all,
+            y_all,
+            r,
+            var=var,
+            gain_e_per_adu=image.gain_e_per_adu,
+            mask=mask,
+            annulus_pix=annulus,
+            saturated=saturated,
+            bkg_map=back,
+            subpix=ap.subpix,
+        )
+        for r in radii
+    ]
+    snrs = [np.where(res.flux_err > 0, res.flux / res.flux_err, np.nan) for res in results]
+    chosen = list(range(len(radii)))
+
+    # curve of growth of the FWHM stars: g(r) = flux(r) / flux(r_big), r_big ≥ 3 FWHM;
+    # its value at the chosen radius is the aperture correction to total flux
+    r_big = max(max(radii), 3.0 * fwhm_used)
+    growth: dict[int, float] = {}
+    if len(star_idx):
+        sx, sy = xs[star_idx], ys[star_idx]
+        big = aperture_photometry(data_phot, sx, sy, r_big, var=var, mask=mask)
+        for k, r in enumerate(radii):
+            small = aperture_photometry(data_phot, sx, sy, r, var=var, mask=mask)
+            ok = (big.flux > 0) & (small.flux > 0)
+            if ok.any():
+                growth[k] = float(np.median(small.flux[ok] / big.flux[ok]))
+    if ap.mode == "multi" and ap.keep == "best":
+        if len(growth) == len(radii):
+            # background-limited SNR ∝ g(r) / sqrt(π r² σ²): maximise g(r) / r
+            chosen = [int(np.argmax([growth[k] / radii[k] for k in range(len(radii))]))]
+        else:
+            # no stars for a growth curve: the radius with the best median SNR
+            clean = [~forced & (res.flags == 0) for res in results]
+            med = [
+                float(np.nanmedian(sn[c])) if c.any() and np.isfinite(sn[c]).any() else -np.inf
+                for sn, c in zip(snrs, clean, strict=True)
+            ]
+            chosen = [int(np.argmax(med))]
+    apcorr = {k: growth.get(k, 1.0) for k in chosen}
+    det_flags = np.zeros(len(x_all), np.int32)
+    if n_det:
+        of = objects["flag"]
+        det_flags[:n_det] |= np.where((of & sep.OBJ_MERGED) != 0, FLAG_BLENDED, 0).astype(np.int32)
+        det_flags[:n_det] |= np.where((of & sep.OBJ_TRUNC) != 0, FLAG_NEAR_EDGE, 0).astype(np.int32)
+        ext = (of & (sep.OBJ_DOVERFLOW | sep.OBJ_SINGU)) != 0
+        det_flags[:n_det] |= np.where(ext, FLAG_EXTRACT, 0).astype(np.int32)
+        det_flags[:n_det] |= np.where(cflag, FLAG_CENTROID, 0).astype(np.int32)
+    if dp.edge_buffer_pix > 0:
+        b = dp.edge_buffer_pix
+        near = (x_all < b - 0.5) | (y_all < b - 0.5) | (x_all > nx - 0.5 - b)
+        near |= y_all > ny - 0.5 - b
+        det_flags[near] |= FLAG_NEAR_EDGE
+    sep_flags = np.zeros(len(x_all), np.int32)
+    if n_det:
+        sep_flags[:n_det] = objects["flag"]
+
+    kron = None
+    if ap.kron and n_det:
+        kron = kron_photometry(
+            data_sub,
+            objects,
+            xs,
+            ys,
+            var=var,
+            gain_e_per_adu=image.gain_e_per_adu,
+            mask=mask,
+            kron_factor=ap.kron_factor,
+            min_radius=ap.kron_min_radius,
+        )
+
+    ra = np.full(len(x_all), np.nan)
+    dec = np.full(len(x_all), np.nan)
+    if image.wcs is not None and len(x_all):
+        from lakepipe.astro.wcs import pixel_to_sky
+
+        ra, dec = pixel_to_sky(image.wcs, x_all, y_all)
+
+    cols: dict[str, list[np.ndarray]] = {}
+
+    def add(name: str, values: np.ndarray) -> None:
+        cols.setdefault(name, []).append(np.asarray(values))
+
+    nan_det = np.full(len(x_all), np.nan)
+    for k in chosen:
+        res = results[k]
+        mag, magerr = magnitudes(res.flux, res.flux_err)
+        add("x", x_all)
+        add("y", y_all)
+        add("ra", ra)
+        add("dec", dec)
+        add("flux", res.flux)
+        add("flux_err", res.flux_err)
+        add("mag_inst", mag)
+        add("mag_inst_err", magerr)
+        add("snr", snrs[k])
+        add("aperture_radius_pix", np.full(len(x_all), radii[k]))
+        add("aperture_index", np.full(len(x_all), k, np.int16))
+        add("background_adu", res.background_adu)
+        add("flags", res.flags | det_flags)
+        add("sep_flags", sep_flags)
+        add("forced", forced)
+        add("forced_index", np.concatenate([np.full(n_det, -1), forced_index]))
+        add("detection_index", np.concatenate([np.arange(n_det), np.full(len(fx), -1)]))
+        for name, field_name in (("a_pix", "a"), ("b_pix", "b"), ("npix", "npix")):
+            v = nan_det.copy()
+            v[:n_det] = objects[field_name] if n_det else []
+            add(name, v)
+        th = nan_det.copy()
+        th[:n_det] = np.degrees(objects["theta"]) if n_det else []
+        add("theta_deg", th)
+        pk = nan_det.copy()
+        pk[:n_det] = objects["peak"] if n_det else []
+        add("peak_adu", pk)
+        kf, ke, kr = nan_det.copy(), nan_det.copy(), nan_det.copy()
+        if kron is not None:
+            kf[:n_det], ke[:n_det], kr[:n_det] = kron
+        add("flux_auto", kf)
+        add("flux_auto_err", ke)
+        add("kron_radius_pix", kr)
+    sources = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+
+    # limiting magnitude
+    k0 = chosen[0]
+    r0 = radii[k0]
+    ac = apcorr.get(k0, 1.0)
+    sigma_pix = float(np.sqrt(np.median(var))) if np.ndim(var) else math.sqrt(float(var))
+    mag_lim_analytic = limiting_mag_analytic(sigma_pix, r0, nsigma=lp.nsigma, apcorr=ac)
+    mag_lim_random = float("nan")
+    n_random = 0
+    if lp.mode == "random":
+        smask = source_mask_from_segmap(segmap, lp.dilate_fwhm * fwhm_used, extra=mask)
+        if saturated is not None:
+            smask |= saturated
+        rng = np.random.default_rng([lp.seed, seed])
+        sig_r, n_random = random_aperture_sigma(
+            data_sub, smask, r0, n_apertures=lp.n_apertures, rng=rng
+        )
+        if np.isfinite(sig_r) and sig_r > 0:
+            mag_lim_random = -2.5 * math.log10(lp.nsigma * sig_r / ac)
+    stats: dict[str, object] = {
+        "naxis1": nx,
+        "naxis2": ny,
+        "background_adu": float(bkg.globalback),
+        "background_rms_adu": float(bkg.globalrms),
+        "fwhm_pix": float(fwhm) if fwhm_ok else float("nan"),
+        "fwhm_used_pix": float(fwhm_used),
+        "n_fwhm_stars": int(n_fwhm),
+        "fwhm_arcsec": float(fwhm_used * pixscale) if pixscale else float("nan"),
+        "pixscale_arcsec": float(pixscale) if pixscale else float("nan"),
+        "aperture_radius_pix": float(r0),
+        "apcorr": float(ac),
+        "n_detected": int(n_det),
+        "n_forced": len(fx),
+        "n_saturated": int(((sources["flags"] & FLAG_SATURATED) != 0).sum()) if n_det else 0,
+        "mag_lim_analytic_inst": mag_lim_analytic,
+        "mag_lim_random_inst": mag_lim_random,
+        "n_random_apertures": int(n_random),
+        "mag_lim_inst": mag_lim_random if lp.mode == "random" else mag_lim_analytic,
+        "has_wcs": image.wcs is not None,
+        "masked_fraction": float(mask.mean()) if mask is not None else 0.0,
+        "note": image.note
+        if fwhm_ok
+        else "; ".join(filter(None, [image.note, f"no star for FWHM; used {fwhm_used:.2f} px"])),
+    }
+    return ImageMeasurement(sources=sources, stats=stats)
+
+
+def _kernel(dp: DetectParams, fwhm_pix: float | None) -> np.ndarray | None:
+    if dp.filter == "none":
+        return None
+    if dp.filter == "seeing" and fwhm_pix is not None:
+        return gaussian_kernel(fwhm_pix)
+    return DEFAULT_KERNEL
+
+
+def _pixscale(image: Image) -> float | None:
+    if image.wcs is None:
+        return header_float(image.header, ("PIXSCALE", "SECPIX", "PIXSCAL1"))
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    scales = proj_plane_pixel_scales(image.wcs)
+    return float(np.sqrt(scales[0] * scales[1]) * 3600.0)
