@@ -228,17 +228,29 @@ def propagate_kepler(
     functions (Vallado Algorithm 8); valid for elliptic, parabolic and hyperbolic orbits
     and negative time steps.
     """
-    mu = gm_sun() if gm is None else gm
     st = np.atleast_2d(np.asarray(states, dtype=np.float64))
     dt = np.atleast_1d(np.asarray(dt_days, dtype=np.float64))
-    n, t = st.shape[0], dt.size
+    return _universal(st, np.broadcast_to(dt[None, :], (st.shape[0], dt.size)), gm)
+
+
+def propagate_kepler_each(
+    states: np.ndarray, dt_days: np.ndarray, gm: float | None = None
+) -> np.ndarray:
+    """Two-body propagation of each of ``(M, 6)`` states by its own step ``(M,)`` -> ``(M, 6)``."""
+    st = np.atleast_2d(np.asarray(states, dtype=np.float64))
+    dt = np.asarray(dt_days, dtype=np.float64).reshape(-1, 1)
+    return _universal(st, dt, gm)[:, 0]
+
+
+def _universal(st: np.ndarray, dtm: np.ndarray, gm: float | None) -> np.ndarray:
+    """Universal-variable solution for states ``(N, 6)`` and steps ``dtm (N, T)``."""
+    mu = gm_sun() if gm is None else gm
     r0v = st[:, None, :3]
     v0v = st[:, None, 3:]
     r0 = np.linalg.norm(st[:, :3], axis=1)[:, None]
     v02 = np.sum(st[:, 3:] ** 2, axis=1)[:, None]
     sigma0 = (np.sum(st[:, :3] * st[:, 3:], axis=1) / np.sqrt(mu))[:, None]  # r.v / sqrt(mu)
     alpha = 2.0 / r0 - v02 / mu  # 1/a
-    dtm = np.broadcast_to(dt[None, :], (n, t))
     smu = np.sqrt(mu)
     # F(chi) is monotonic with F'(chi) = r(chi) in [q, Q] (Q = inf when unbound), so the root
     # lies in [sqrt(mu) dt / Q, sqrt(mu) dt / q]: safeguarded Newton inside that bracket.
