@@ -350,7 +350,7 @@ class ZtfArchive(Archive):
     def cutout_fits(self, exposure_id: int, ra: float, dec: float, size_arcsec: float) -> bytes:
         """IBE cutout FITS bytes; ArchiveError with status 400 when it misses the image."""
         params = {
-            "center": f"{ra:.8f},{dec:.8f}",
+            "center": f"{float(ra)!r},{float(dec)!r}",  # exact: pixel edges matter
             "size": f"{size_arcsec:g}arcsec",
             "gzip": "false",
         }

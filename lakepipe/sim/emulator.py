@@ -307,6 +307,7 @@ class ArchiveEmulator(ThreadingHTTPServer):
         self._paths: dict[str, int] = {}
         self._meta_lock = threading.Lock()
         self._fits_cache: dict[int, bytes] = {}
+        self._vizier: pa.Table | None = None
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
 
@@ -365,6 +366,17 @@ class ArchiveEmulator(ThreadingHTTPServer):
                     self._fits_cache.pop(next(iter(self._fits_cache)))
                 self._fits_cache[exposure_id] = cached
         return cached
+
+    def vizier_catalog(self) -> pa.Table:
+        """The survey's reference catalog under VizieR's Gaia DR3 column names (built once)."""
+        with self._meta_lock:
+            if self._vizier is None:
+                cat = self.archive.catalog()
+                have = set(cat.column_names)
+                self._vizier = pa.table(
+                    {v: cat.column(o) for v, o in GAIA_VIZIER_COLUMNS.items() if o in have}
+                )
+            return self._vizier
 
     def record(self, entry: LogEntry) -> None:
         with self._log_lock:
@@ -557,13 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- CDS ------------------------------------------------------------------------------
     def _catalog_vizier(self) -> pa.Table:
-        cat = self.server.archive.catalog()
-        cols = {
-            viz: cat.column(ours)
-            for viz, ours in GAIA_VIZIER_COLUMNS.items()
-            if ours in cat.column_names
-        }
-        return pa.table(cols)
+        return self.server.vizier_catalog()
 
     def _vizier(self, q: dict[str, str]) -> None:
         if q.get("-source") != self.server.catalog_name:
@@ -640,7 +646,7 @@ class _Handler(BaseHTTPRequestHandler):
         cat_cols = cat.column_names
         in_cols = list(rows[0].keys()) if rows else [get["colRA1"], get["colDec1"]]
         w.writerow(["angDist", *in_cols, *cat_cols])
-        catrows = cat.to_pylist()
+        catcols = [cat.column(c).to_numpy(zero_copy_only=False) for c in cat.column_names]
         # coarse Dec prefilter keeps this O(N log M) for big uploads
         order = np.argsort(cdec, kind="stable")
         sdec = cdec[order]
@@ -652,7 +658,7 @@ class _Handler(BaseHTTPRequestHandler):
             for j in cand[np.argsort(sep, kind="stable")]:
                 d = float(angular_sep_deg(cra[j], cdec[j], ra1[i], dec1[i]) * 3600.0)
                 if d <= radius_arcsec:
-                    vals = [catrows[j][c] for c in cat_cols]
+                    vals = [col[j].item() for col in catcols]
                     w.writerow([f"{d:.6f}", *[r[c] for c in in_cols], *_csv_vals(vals)])
         self._send(200, out.getvalue().encode(), "text/csv")
 

@@ -6,13 +6,16 @@ and the same pixels as asking the survey directly.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from lakepipe.archives.http import HttpParams
 from lakepipe.archives.query import ExposureQuery
+from lakepipe.archives.sim import SimArchive
 from lakepipe.archives.ztf import (
     ZtfArchive,
     exposures_from_ibe,
@@ -23,9 +26,9 @@ from lakepipe.archives.ztf import (
 )
 from lakepipe.errors import ArchiveError
 from lakepipe.sim.emulator import ArchiveEmulator, Faults
-from tests.sim.test_emulator import TinySurvey
+from tests.sim.test_emulator import small_sim
 
-WHERE = ExposureQuery(ra=150.02, dec=2.2, radius_deg=0.05, start="2025-01-03", end="2025-01-05")
+WHERE = ExposureQuery(ra=150.02, dec=2.2, radius_deg=0.05, start="2025-01-01", end="2025-01-02")
 
 
 def http_params(tmp_path=None, **kw: object) -> HttpParams:
@@ -47,8 +50,8 @@ def archive(url: str, tmp_path=None, **kw: object) -> ZtfArchive:
 
 
 @pytest.fixture(scope="module")
-def survey() -> TinySurvey:
-    return TinySurvey()
+def survey() -> SimArchive:
+    return small_sim()
 
 
 @pytest.fixture
@@ -102,6 +105,8 @@ def test_exposures_match_the_survey(emu, survey) -> None:
                 continue
             if k == "mjd":  # JD text round trip: ~40 us of float resolution at JD 2.46e6
                 assert g[k] == pytest.approx(v, abs=1e-8)
+            elif k == "sky_adu":  # from the header's SKYLEV card, written to 1e-4 ADU
+                assert g[k] == pytest.approx(v, abs=6e-5)
             elif isinstance(v, float):
                 assert g[k] == pytest.approx(v, rel=1e-12), k
             else:
@@ -110,26 +115,28 @@ def test_exposures_match_the_survey(emu, survey) -> None:
 
 def test_nights_and_filters(emu, survey) -> None:
     ztf = archive(emu.url)
-    assert ztf.nights(ExposureQuery()) == ["2025-01-03", "2025-01-04"]
+    assert ztf.nights(ExposureQuery()) == survey.nights(None) == ["2025-01-01", "2025-01-02"]
     zr = ztf.exposures(ExposureQuery(filters=["zr"]))
     assert set(zr.column("filter").to_pylist()) == {"zr"}
-    assert zr.num_rows == survey.exposures(ExposureQuery(filters=["zr"])).num_rows == 3
+    assert zr.num_rows == survey.exposures(ExposureQuery(filters=["zr"])).num_rows == 4
     assert ztf.exposures(ExposureQuery(ra=10.0, dec=-40.0, radius_deg=0.1)).num_rows == 0
 
 
 def test_image_and_cutout_pixels(emu, survey, tmp_path) -> None:
     ztf = archive(emu.url, tmp_path)
-    eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
+    row = survey.exposures(ExposureQuery()).to_pylist()[0]
+    eid = row["exposure_id"]
     assert ztf.image_fits(eid) == survey.image_fits(eid)  # byte-identical
-    _, data, status = ztf.cutout(eid, 150.0001, 2.2001, 20.0)
-    _, want, want_status = survey.cutout(eid, 150.0001, 2.2001, 20.0)
+    _, data, status = ztf.cutout(eid, row["ra"], row["dec"], 20.0)
+    _, want, want_status = survey.cutout(eid, row["ra"], row["dec"], 20.0)
     assert (status, want_status) == ("ok", "ok") and np.array_equal(data, want)
-    # near the edge: clipped by the archive → partial, same pixels
-    edge_ra = 150.0 + 60.0 / 3600.0  # the image is 128" wide, centred on 150.0
-    _, data, status = ztf.cutout(eid, edge_ra, 2.2, 20.0)
-    _, want, want_status = survey.cutout(eid, edge_ra, 2.2, 20.0)
-    assert status == want_status == "partial" and np.array_equal(data, want)
+    # at the image corner: the square crosses the edge → partial, same pixels (NaN outside)
+    _, data, status = ztf.cutout(eid, row["ra1"], row["dec1"], 20.0)
+    _, want, want_status = survey.cutout(eid, row["ra1"], row["dec1"], 20.0)
+    assert status == want_status == "partial"
+    assert np.array_equal(data, want, equal_nan=True) and np.isnan(data).any()
     assert ztf.cutout(eid, 160.0, 10.0, 20.0) == (None, None, "off_chip")
+    assert survey.cutout(eid, 160.0, 10.0, 20.0)[2] == "off_chip"
 
 
 def test_unknown_exposure_is_looked_up_by_pid(emu, survey) -> None:
@@ -143,18 +150,23 @@ def test_unknown_exposure_is_looked_up_by_pid(emu, survey) -> None:
 
 def test_header_columns_come_from_a_range_request(emu, survey) -> None:
     ztf = archive(emu.url)
-    ztf.exposures(ExposureQuery(night="2025-01-03"))
+    ztf.exposures(ExposureQuery(night="2025-01-01"))
     ranged = [e for e in emu.log if e.range]
-    assert len(ranged) == 3 and all(e.status == 206 for e in ranged)
+    assert len(ranged) == 4 and all(e.status == 206 for e in ranged)
     assert all(e.range == "bytes=0-34559" for e in ranged)  # 12 FITS blocks
 
 
 def test_parse_header_bytes(survey) -> None:
     eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
     blob = survey.image_fits(eid)
-    assert parse_header_bytes(blob[:2880]) is None  # END is in a later block
-    hdr = parse_header_bytes(blob[: 2880 * 4])
-    assert hdr["GAIN"] == 6.2 and hdr["NAXIS1"] == 128
+    hdr = parse_header_bytes(blob[: 2880 * 12])
+    assert hdr["GAIN"] == 6.2 and hdr["NAXIS1"] == 256 and hdr["SKYLEV"] > 0
+    long = fits.Header([(f"K{i:05d}", i) for i in range(60)])  # 61 cards: two blocks
+    raw = fits.PrimaryHDU(np.zeros((2, 2), np.float32), header=long)
+    buf = io.BytesIO()
+    raw.writeto(buf)
+    assert parse_header_bytes(buf.getvalue()[:2880]) is None  # END is in block two
+    assert parse_header_bytes(buf.getvalue()[:5760])["K00059"] == 59
 
 
 def test_read_ibe_csv_rejects_garbage() -> None:
@@ -184,10 +196,11 @@ def test_faults_every_cutout_valid_rate_respected(survey, tmp_path) -> None:
         ztf = archive(e.url, tmp_path, rate_limit_per_s=40.0, max_retries=12)
         exps = ztf.exposures(WHERE)
         assert exps.num_rows == survey.exposures(WHERE).num_rows
-        for eid in exps.column("exposure_id").to_pylist():
-            _, data, status = ztf.cutout(eid, 150.02, 2.2, 30.0)
-            _, want, want_status = survey.cutout(eid, 150.02, 2.2, 30.0)
-            assert status == want_status and np.array_equal(data, want)
+        for r in exps.to_pylist():
+            eid = r["exposure_id"]
+            _, data, status = ztf.cutout(eid, r["ra"], r["dec"], 30.0)
+            _, want, want_status = survey.cutout(eid, r["ra"], r["dec"], 30.0)
+            assert status == want_status == "ok" and np.array_equal(data, want)
         faults_seen = {x.fault for x in e.log}
         assert {"status", "truncate"} <= faults_seen or {"status", "drop"} <= faults_seen
         # truth: 40 req/s with burst 1 → at most 41 arrivals in any 1 s window (+1 slack)
