@@ -13,6 +13,7 @@ from lakepipe import __version__
 from lakepipe.cli import lake as _lake  # noqa: F401  (registers commands)
 from lakepipe.cli import query as _query  # noqa: F401
 from lakepipe.cli import run as _run  # noqa: F401
+from lakepipe.cli import sim as _sim  # noqa: F401
 from lakepipe.cli import spec as _spec  # noqa: F401
 from lakepipe.cli.common import STATE, app, silence_stdout
 
