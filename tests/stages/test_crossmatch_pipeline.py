@@ -1,0 +1,113 @@
+"""sources → crossmatch → calibrate through the runner on the virtual survey.
+
+Truth: the survey's per-exposure zeropoint (MAGZP, the exposures table) and its catalogue
+(every detected catalogue star matches its own entry). Small config: one 1024² field, one
+night, three exposures (zg, zr, zi).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lakepipe.archives.sim import SimArchive
+from lakepipe.lake import Lake
+from lakepipe.runner import run_pipeline
+from lakepipe.sim.catalog import COLOUR_TERMS
+
+SIM = {"kind": "sim", "seed": 5, "n_fields": 1, "n_nights": 1, "visits_per_night": 3,
+       "naxis1": 1024, "naxis2": 1024, "n_asteroids": 0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
+    root = tmp_path_factory.mktemp("xmatch_pipeline")
+    knobs = {k: v for k, v in SIM.items() if k != "kind"}
+    SimArchive.from_config(**knobs).write_catalog(root / "refcat" / "catalog.parquet")
+    bands = {
+        f: {"band": "G", "colour": "bp_rp", "colour_term": b, "colour_pivot": 0.82,
+            "offset_mag": a}
+        for f, (a, b) in COLOUR_TERMS.items()
+    }  # fmt: skip
+    spec = {
+        "name": "xmatch",
+        "lake": str(root / "lake"),
+        "archive": SIM,
+        "stages": {
+            "exposures": {"kind": "exposures"},
+            "sources": {"kind": "sources", "inputs": ["exposures"], "image": "exposure"},
+            "crossmatches": {
+                "kind": "crossmatch",
+                "inputs": ["sources"],
+                "catalog": {
+                    "path": "refcat/catalog.parquet",
+                    "columns": {"id": "source_id",
+                                "mags": {"G": "phot_g_mean_mag", "bp_rp": "bp_rp"},
+                                "pmra": "pmra", "pmdec": "pmdec", "epoch": "ref_epoch"},
+                },
+                "radius_arcsec": 1.5,
+                "bands": bands,
+            },
+            "calibrations": {
+                "kind": "calibrate",
+                "inputs": ["sources", "crossmatches"],
+                "ref_mag_range": [13.0, 20.0],
+            },
+        },
+    }  # fmt: skip
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    report = run_pipeline(path, workers=1)
+    assert report.failed == 0
+    lake = Lake(root / "lake")
+    lake.spec_path = path  # type: ignore[attr-defined]
+    return lake
+
+
+def test_calibrated_zeropoints_match_truth(lake: Lake) -> None:
+    """Issue 5: |ΔZP| <= 0.02 mag for exposures with >= 20 matched stars."""
+    r = lake.reader()
+    rows = r.sql(
+        "select c.exposure_id, c.zeropoint_mag, c.zeropoint_err_mag, c.n_used, c.status, "
+        "e.zeropoint_mag as truth from calibrations c join exposures e using (exposure_id)"
+    ).to_pylist()
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "ok" and row["n_used"] >= 20
+        assert row["zeropoint_mag"] == pytest.approx(row["truth"], abs=0.02)
+        assert row["zeropoint_err_mag"] < 0.02
+
+
+def test_crossmatches_and_calibrated_sources_are_queryable(lake: Lake) -> None:
+    """Every crossmatch row is a detection; separations are small; mags are calibrated."""
+    r = lake.reader()
+    n_match, med_sep = (
+        r.sql("select count(*), median(sep_arcsec) from crossmatches").to_pylist()[0].values()
+    )
+    assert n_match > 300
+    assert med_sep < 0.5
+    orphans = r.sql(
+        "select count(*) as n from crossmatches anti join sources using (source_id)"
+    ).to_pylist()[0]["n"]
+    assert orphans == 0
+    # bright matched stars: calibrated mag agrees with the reference magnitude
+    diff = (
+        r.sql(
+            "select p.mag - x.ref_mag as d from calibrated_sources p join crossmatches x "
+            "using (source_id) where p.snr > 50 and x.ref_neighbours = 0 and p.flags = 0"
+        )
+        .column("d")
+        .to_numpy()
+    )
+    assert diff.size > 50
+    assert abs(np.median(diff)) < 0.02
+    assert np.percentile(np.abs(diff), 68) < 0.05
+
+
+def test_rerun_is_a_no_op(lake: Lake) -> None:
+    """Unchanged spec: nothing re-executes (fingerprints of the new stages are stable)."""
+    report = run_pipeline(Path(lake.spec_path), workers=1)  # type: ignore[attr-defined]
+    assert report.executed == 0
