@@ -263,7 +263,12 @@ def execute_job(job: Job) -> JobResult:
         return JobResult(
             job.stage, job.key, True, entries, rows, time.perf_counter() - t0, started_at=started
         )
-    except LakepipeError as exc:
+    except Exception as exc:
+        # Expected errors carry their message; anything else is a bug or a foreign
+        # library's error, so keep the traceback in the run log.
+        error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, LakepipeError):
+            error += "\n" + traceback.format_exc(limit=8)
         return JobResult(
             job.stage,
             job.key,
@@ -271,20 +276,8 @@ def execute_job(job: Job) -> JobResult:
             {},
             0,
             time.perf_counter() - t0,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
             user_error=isinstance(exc, UserError),
-            started_at=started,
-        )
-    except Exception as exc:  # a bug or a foreign library's error: keep the traceback
-        tb = traceback.format_exc(limit=8)
-        return JobResult(
-            job.stage,
-            job.key,
-            False,
-            {},
-            0,
-            time.perf_counter() - t0,
-            error=f"{type(exc).__name__}: {exc}\n{tb}",
             started_at=started,
         )
 
