@@ -83,11 +83,13 @@ def ias15_propagate(
     sim.force_is_velocity_dependent = 0
     targets = np.asarray(targets_jd_tdb, dtype=np.float64)
     out = np.empty((n, targets.size, 6))
+    xyz = np.empty((n + 1, 3))
+    vel = np.empty((n + 1, 3))
     for k in np.argsort(targets):
         sim.integrate(targets[k] - epoch_jd_tdb, exact_finish_time=1)
-        for i in range(n):
-            p = sim.particles[i + 1]
-            out[i, k] = (p.x, p.y, p.z, p.vx, p.vy, p.vz)
+        sim.serialize_particle_data(xyz=xyz, vxvyvz=vel)
+        out[:, k, :3] = xyz[1:]
+        out[:, k, 3:] = vel[1:]
     return out
 
 
