@@ -79,13 +79,30 @@ def ephemeris(
             )
     obs_bary, _ = observatories.observer_state(obs_code, mjd, heliocentric=False)
     sun_p, sun_v = ephem.body_state("sun", jd1, jd2)
-    return _apparent(helio_t, obs_bary, sun_p, sun_v) | {"jd_tdb": jd_tdb}
+    return apparent_geometry(helio_t, obs_bary, sun_p, sun_v) | {"jd_tdb": jd_tdb}
 
 
-def _apparent(
+def apparent_geometry(
     helio_t: np.ndarray, obs_bary: np.ndarray, sun_p: np.ndarray, sun_v: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Light-time corrected astrometric geometry for states ``(N, T, 6)`` at times t."""
+    """Light-time corrected astrometric geometry of bodies already propagated to times t.
+
+    Parameters
+    ----------
+    helio_t
+        ``(N, T, 6)`` heliocentric ICRS states (au, au/day) at the observation TDBs.
+    obs_bary
+        ``(T, 3)`` barycentric observer positions (au) at those times
+        (:func:`lakepipe.astro.observatories.observer_state` with ``heliocentric=False``).
+    sun_p, sun_v
+        ``(T, 3)`` barycentric Sun position (au) and velocity (au/day) at those times.
+
+    Returns
+    -------
+    dict
+        ``ra_deg``, ``dec_deg``, ``delta_au``, ``r_au``, ``phase_deg``, ``light_time_d``,
+        each ``(N, T)`` (see :func:`ephemeris`).
+    """
     n, t = helio_t.shape[:2]
     c = speed_of_light_au_d()
     flat = helio_t.reshape(n * t, 6)
@@ -122,6 +139,10 @@ def _apparent(
         "phase_deg": phase.reshape(shape),
         "light_time_d": tau.reshape(shape),
     }
+
+
+# Kept for callers that imported the helper under its first name.
+_apparent = apparent_geometry
 
 
 def predicted_v_mag(
