@@ -19,14 +19,17 @@ from lakepipe.runner import run_pipeline
 from lakepipe.sim.catalog import COLOUR_TERMS
 
 SIM = {"kind": "sim", "seed": 5, "n_fields": 1, "n_nights": 1, "visits_per_night": 3,
-       "naxis1": 1024, "naxis2": 1024, "n_asteroids": 0}  # fmt: skip
+       "filters": ["zr"], "naxis1": 1024, "naxis2": 1024, "n_asteroids": 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     root = tmp_path_factory.mktemp("xmatch_pipeline")
     knobs = {k: v for k, v in SIM.items() if k != "kind"}
-    SimArchive.from_config(**knobs).write_catalog(root / "refcat" / "catalog.parquet")
+    archive = SimArchive.from_config(**knobs)
+    archive.write_catalog(root / "refcat" / "catalog.parquet")
+    sn = archive.transient()
+    target = {"id": "sn", "ra": sn["ra"], "dec": sn["dec"]}
     bands = {
         f: {"band": "G", "colour": "bp_rp", "colour_term": b, "colour_pivot": 0.82,
             "offset_mag": a}
@@ -38,7 +41,8 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
         "archive": SIM,
         "stages": {
             "exposures": {"kind": "exposures"},
-            "sources": {"kind": "sources", "inputs": ["exposures"], "image": "exposure"},
+            "sources": {"kind": "sources", "inputs": ["exposures"], "image": "exposure",
+                        "forced": {"positions": [target]}},
             "crossmatches": {
                 "kind": "crossmatch",
                 "inputs": ["sources"],
@@ -56,6 +60,12 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
                 "inputs": ["sources", "crossmatches"],
                 "ref_mag_range": [13.0, 20.0],
             },
+            "lightcurves": {
+                "kind": "lightcurves",
+                "inputs": ["calibrations", "crossmatches"],
+                "targets": [target],
+                "catalog_min_detections": 3,
+            },
         },
     }  # fmt: skip
     path = root / "spec.yaml"
@@ -64,6 +74,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     assert report.failed == 0
     lake = Lake(root / "lake")
     lake.spec_path = path  # type: ignore[attr-defined]
+    lake.truth = archive  # type: ignore[attr-defined]
     return lake
 
 
@@ -111,3 +122,22 @@ def test_rerun_is_a_no_op(lake: Lake) -> None:
     """Unchanged spec: nothing re-executes (fingerprints of the new stages are stable)."""
     report = run_pipeline(Path(lake.spec_path), workers=1)  # type: ignore[attr-defined]
     assert report.executed == 0
+
+
+def test_lightcurves_of_target_and_catalogue_stars(lake: Lake) -> None:
+    """The transient target has one row per exposure (an upper limit before its t0);
+    constant catalogue stars have chi2/dof near 1 in lightcurve_stats."""
+    r = lake.reader()
+    sn = r.sql("select * from lightcurves where object_id = 'sn' order by mjd").to_pylist()
+    assert len(sn) == 3
+    t0 = lake.truth.transient()["t0_mjd"]  # type: ignore[attr-defined]
+    for row in sn:
+        if row["mjd"] < t0:
+            assert row["upper_limit"] and row["forced"] and row["limit_mag"] > 19.0
+    stats = (
+        r.sql("select chi2_dof from lightcurve_stats where object_id <> 'sn' and n_det = 3")
+        .column("chi2_dof")
+        .to_numpy()
+    )
+    assert stats.size > 100
+    assert 0.3 < np.median(stats) < 3.0

@@ -1,0 +1,272 @@
+"""``lightcurves``: per-object calibrated lightcurves and variability statistics."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from lakepipe.astro.crossmatch import crossmatch
+from lakepipe.astro.variability import lightcurve_stats
+from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
+
+SOURCE_COLUMNS = [
+    "source_id",
+    "exposure_id",
+    "filter",
+    "mjd",
+    "ra",
+    "dec",
+    "forced",
+    "snr",
+    "mag",
+    "mag_err",
+    "mag_upper_limit",
+    "mag_system",
+]
+
+
+class LightcurveTarget(BaseModel):
+    """A named position (deg, ICRS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | int = Field(description="Target name or id (stored as text)")
+    ra: float = Field(ge=0.0, lt=360.0, description="Right ascension (deg)")
+    dec: float = Field(ge=-90.0, le=90.0, description="Declination (deg)")
+
+
+def bucket_of(object_id: str, buckets: int) -> int:
+    """Stable hash bucket of an object id (first 8 bytes of SHA-256, modulo ``buckets``)."""
+    digest = hashlib.sha256(object_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+@register_stage("lightcurves")
+class LightcurvesStage(Stage):
+    """Lightcurves (one row per object per exposure) and per-object, per-filter statistics.
+
+    Objects, all that are given:
+
+    - ``targets``: named positions ``[{id, ra, dec}]``;
+    - ``targets_sql``: a query over the lake returning ``id, ra, dec`` (list the stage
+      writing the queried table in ``inputs``);
+    - ``catalog_min_detections``: every reference-catalogue star matched (rank 1) to at
+      least this many detections (reads ``crossmatches``).
+
+    For a target, each exposure contributes its nearest detection within
+    ``match_radius_arcsec``, or else a forced-photometry row at the position (the
+    ``sources`` stage's ``forced`` positions); rows with S/N below ``detection_snr`` are
+    upper limits at the row's own 5σ limit (``mag_upper_limit``). Catalogue objects
+    get their matched detections. Reads ``calibrated_sources`` (all nights); writes
+    ``lightcurves`` and ``lightcurve_stats`` (weighted mean, χ²/dof, amplitude, Stetson
+    J, von Neumann η, upper-limit counts; see :mod:`lakepipe.astro.variability`),
+    partitioned by a hash ``bucket`` of the object id.
+
+    Example::
+
+        lightcurves:
+          kind: lightcurves
+          inputs: [calibrations, crossmatches]
+          targets: [{id: sn2025abc, ra: 150.1123, dec: 2.3051}]
+          catalog_min_detections: 5
+
+    Variables then stand out in one query::
+
+        select object_id, filter, n_det, chi2_dof, stetson_j from lightcurve_stats
+        where n_det >= 5 order by stetson_j desc limit 20
+    """
+
+    reads = ("calibrated_sources",)
+    optional_reads = ("crossmatches",)
+    writes = ("lightcurves", "lightcurve_stats")
+    version = "1"
+
+    class Params(StageParams):
+        targets: list[LightcurveTarget] = Field(default_factory=list, description="Positions")
+        targets_sql: str | None = Field(None, description="SQL returning id, ra, dec")
+        catalog_min_detections: int | None = Field(
+            None, ge=1, description="Also every catalogue star with this many detections"
+        )
+        match_radius_arcsec: float = Field(1.5, gt=0, description="Target-source radius")
+        detection_snr: float = Field(5.0, gt=0, description="Below: an upper limit")
+        buckets: int = Field(4, ge=1, le=256, description="Hash buckets of object ids")
+
+    def partitions(self, ctx: StageContext) -> list[Partition]:
+        return [Partition.of(bucket=f"{b:02d}") for b in range(self.params.buckets)]
+
+    def run(self, ctx: StageContext, partition: Partition) -> dict[str, pa.Table]:
+        p = self.params
+        bucket = int(partition.values["bucket"])
+        src = ctx.lake.read("calibrated_sources", columns=SOURCE_COLUMNS)
+        pieces = []
+        targets = [(str(t.id), t.ra, t.dec) for t in p.targets]
+        if p.targets_sql:
+            t = ctx.lake.sql(p.targets_sql)
+            targets += list(
+                zip(
+                    pc.cast(t.column("id"), pa.string()).to_pylist(),
+                    t.column("ra").to_pylist(),
+                    t.column("dec").to_pylist(),
+                    strict=True,
+                )
+            )
+        targets = [x for x in targets if bucket_of(x[0], p.buckets) == bucket]
+        if targets:
+            pieces.append(target_lightcurves(src, targets, p.match_radius_arcsec, p.detection_snr))
+        if p.catalog_min_detections is not None and "crossmatches" in ctx.lake.tables():
+            xm = ctx.lake.read(
+                "crossmatches", columns=["source_id", "ref_id", "ref_ra", "ref_dec", "match_rank"]
+            )
+            lc = catalog_lightcurves(src, xm, p.catalog_min_detections, p.detection_snr)
+            keep = [bucket_of(o, p.buckets) == bucket for o in lc.column("object_id").to_pylist()]
+            pieces.append(lc.filter(pa.array(keep, pa.bool_())))
+        lc = pa.concat_tables(pieces) if pieces else _empty_lightcurves()
+        lc = lc.sort_by([("object_id", "ascending"), ("mjd", "ascending")])
+        return {"lightcurves": lc, "lightcurve_stats": summarise(lc)}
+
+
+def _empty_lightcurves() -> pa.Table:
+    from lakepipe.tables import get_contract
+
+    c = get_contract("lightcurves")
+    return c.empty().drop_columns(["bucket", "_healpix_29"])
+
+
+def _assemble(
+    object_id: list[str],
+    obj_ra: np.ndarray,
+    obj_dec: np.ndarray,
+    rows: pa.Table,
+    sep: np.ndarray,
+    detection_snr: float,
+) -> pa.Table:
+    snr = pc.fill_null(rows.column("snr"), np.nan).to_numpy(zero_copy_only=False)
+    mag = pc.fill_null(rows.column("mag"), np.nan).to_numpy(zero_copy_only=False)
+    upper = ~(snr >= detection_snr) | ~np.isfinite(mag)
+    limit = pc.fill_null(rows.column("mag_upper_limit"), np.nan).to_numpy(zero_copy_only=False)
+
+    def nullable(x: np.ndarray) -> pa.Array:
+        return pa.array(x, mask=~np.isfinite(x))
+
+    mag_err = pc.fill_null(rows.column("mag_err"), np.nan).to_numpy(zero_copy_only=False)
+    return pa.table(
+        {
+            "object_id": pa.array(object_id, pa.string()),
+            "ra": pa.array(obj_ra),
+            "dec": pa.array(obj_dec),
+            "exposure_id": rows.column("exposure_id"),
+            "source_id": rows.column("source_id"),
+            "mjd": rows.column("mjd"),
+            "filter": rows.column("filter"),
+            "mag": nullable(np.where(upper, np.nan, mag)),
+            "mag_err": nullable(np.where(upper, np.nan, mag_err)),
+            "upper_limit": pa.array(upper),
+            "limit_mag": nullable(np.where(upper, limit, np.nan)),
+            "snr": rows.column("snr"),
+            "forced": rows.column("forced"),
+            "sep_arcsec": pa.array(sep),
+            "mag_system": rows.column("mag_system"),
+        }
+    )
+
+
+def target_lightcurves(
+    src: pa.Table,
+    targets: list[tuple[str, float, float]],
+    radius_arcsec: float,
+    detection_snr: float,
+) -> pa.Table:
+    """One row per (target, exposure): the nearest detection, else the forced row."""
+    tra = np.array([t[1] for t in targets], dtype=np.float64)
+    tdec = np.array([t[2] for t in targets], dtype=np.float64)
+    sra = pc.fill_null(src.column("ra"), np.nan).to_numpy(zero_copy_only=False)
+    sdec = pc.fill_null(src.column("dec"), np.nan).to_numpy(zero_copy_only=False)
+    m = crossmatch(tra, tdec, sra, sdec, radius_arcsec, mode="all", workers=1)
+    if len(m) == 0:
+        return _empty_lightcurves()
+    exp = src.column("exposure_id").to_numpy()[m.idx2]
+    forced = pc.fill_null(src.column("forced"), False).to_numpy(zero_copy_only=False)[m.idx2]
+    # per (target, exposure): detections before forced rows, then nearest first
+    order = np.lexsort((m.sep_arcsec, forced, exp, m.idx1))
+    t_sorted, e_sorted = m.idx1[order], exp[order]
+    first = np.r_[True, (t_sorted[1:] != t_sorted[:-1]) | (e_sorted[1:] != e_sorted[:-1])]
+    pick = order[first]
+    rows = src.take(pa.array(m.idx2[pick]))
+    ids = [targets[i][0] for i in m.idx1[pick]]
+    return _assemble(
+        ids, tra[m.idx1[pick]], tdec[m.idx1[pick]], rows, m.sep_arcsec[pick], detection_snr
+    )
+
+
+def catalog_lightcurves(
+    src: pa.Table, xm: pa.Table, min_detections: int, detection_snr: float
+) -> pa.Table:
+    """Lightcurves of catalogue stars with at least ``min_detections`` matched detections."""
+    first = xm.filter(pc.field("match_rank") == 1)
+    counts = first.group_by("ref_id").aggregate(
+        [("source_id", "count"), ("ref_ra", "mean"), ("ref_dec", "mean")]
+    )
+    counts = counts.filter(pc.field("source_id_count") >= min_detections)
+    if counts.num_rows == 0:
+        return _empty_lightcurves()
+    sel = first.join(counts, "ref_id", join_type="inner")
+    rows = sel.join(src, "source_id", join_type="inner").sort_by("source_id")
+    ids = pc.cast(rows.column("ref_id"), pa.string()).to_pylist()
+    # position of the row relative to the catalogue star
+    from lakepipe.astro.crossmatch import angular_separation_arcsec
+
+    ora = rows.column("ref_ra_mean").to_numpy()
+    odec = rows.column("ref_dec_mean").to_numpy()
+    sep = angular_separation_arcsec(
+        ora, odec, rows.column("ra").to_numpy(), rows.column("dec").to_numpy()
+    )
+    return _assemble(ids, ora, odec, rows, sep, detection_snr)
+
+
+def summarise(lc: pa.Table) -> pa.Table:
+    """``lightcurve_stats``: one row per (object, filter)."""
+    if lc.num_rows == 0:
+        from lakepipe.tables import get_contract
+
+        return get_contract("lightcurve_stats").empty().drop_columns(["bucket", "_healpix_29"])
+    keys = pa.table({"o": lc.column("object_id"), "f": lc.column("filter")})
+    uniq = keys.group_by(["o", "f"]).aggregate([]).sort_by([("o", "ascending"), ("f", "ascending")])
+    index = {
+        k: i
+        for i, k in enumerate(
+            zip(uniq.column("o").to_pylist(), uniq.column("f").to_pylist(), strict=True)
+        )
+    }
+    group = np.array(
+        [
+            index[k]
+            for k in zip(keys.column("o").to_pylist(), keys.column("f").to_pylist(), strict=True)
+        ]
+    )
+
+    def f64(name: str) -> np.ndarray:
+        return pc.fill_null(lc.column(name), np.nan).to_numpy(zero_copy_only=False)
+
+    s = lightcurve_stats(
+        group,
+        f64("mjd"),
+        f64("mag"),
+        f64("mag_err"),
+        upper_limit=lc.column("upper_limit").to_numpy(zero_copy_only=False),
+        limit_mag=f64("limit_mag"),
+    )
+    g = s.pop("group")
+    first_row = np.array([np.flatnonzero(group == k)[0] for k in g])
+    out = {
+        "object_id": uniq.column("o").take(pa.array(g)),
+        "filter": uniq.column("f").take(pa.array(g)),
+        "ra": lc.column("ra").take(pa.array(first_row)),
+        "dec": lc.column("dec").take(pa.array(first_row)),
+    }
+    for name, values in s.items():
+        arr = np.asarray(values)
+        out[name] = pa.array(arr, mask=~np.isfinite(arr)) if arr.dtype.kind == "f" else arr
+    return pa.table(out)
