@@ -35,6 +35,7 @@ from lakepipe.lake import Commit, Lake, LakeReader, Manifest, PartitionEntry, ad
 from lakepipe.lake import new_run_id as _new_run_id
 from lakepipe.spec import LoadedSpec, load_spec, stage_class, writers
 from lakepipe.stages.base import Partition, Stage, StageContext
+from lakepipe.stages.base import stages as stages_registry
 from lakepipe.tables import get_contract
 
 COMMIT_INTERVAL_S = 1.0
@@ -376,9 +377,21 @@ def plan_stage(
 # -- the run ------------------------------------------------------------------------------
 
 
+def preload() -> None:
+    """Import every plug-in once in the fork server, so workers start warm."""
+    from lakepipe.export.base import formats
+
+    for registry in (stages_registry, archives, formats):
+        registry.load()
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn: DuckDB, Arrow and polars keep threads that fork would copy mid-lock.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    # forkserver: workers fork from a clean single-threaded server that has already
+    # imported lakepipe and its plug-ins (plain fork would copy the threads DuckDB, Arrow
+    # and polars keep in this process mid-lock; spawn would re-import everything per worker).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lakepipe._preload"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
 def run_pipeline(

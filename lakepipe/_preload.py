@@ -1,0 +1,5 @@
+"""Imported by the runner's fork server: loads every plug-in before workers fork."""
+
+from lakepipe.runner import preload
+
+preload()
