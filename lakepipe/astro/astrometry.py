@@ -266,17 +266,15 @@ def _check_obs_codes(table: pa.Table, source: str, lines: list[int]) -> None:
     Raises :class:`ParseError` (``file:line: ...``) chained to the observatories module's
     own exception, whose message lists the known codes.
     """
-    from lakepipe.astro.observatories import observer_state
+    from lakepipe.astro.observatories import get_observatory
     from lakepipe.errors import LakepipeError
 
     seen: set[str] = set()
-    codes = table.column("obs_code").to_pylist()
-    mjds = table.column("mjd").to_pylist()
-    for code, mjd, lineno in zip(codes, mjds, lines, strict=True):
+    for code, lineno in zip(table.column("obs_code").to_pylist(), lines, strict=True):
         if code in seen:
             continue
         try:
-            observer_state(code, np.array([mjd]))
+            get_observatory(code)
         except (LakepipeError, KeyError, ValueError) as exc:
             raise ParseError(f"{source}:{lineno}: observatory code {code!r}: {exc}") from exc
         seen.add(code)

@@ -253,3 +253,26 @@ def test_ades_writer_fields_follow_the_designation_kind() -> None:
     assert by_des["433"][:3] == ["433", "", ""]
     assert by_des["2023 MQ5"][:3] == ["", "2023 MQ5", ""]
     assert by_des["NEO0001"][:3] == ["", "", "NEO0001"]
+
+
+def test_known_codes_pass_the_observatories_check() -> None:
+    # every code in the samples is in the observatories module's built-in MPC table
+    assert parse_mpc80(DATA / "sample.mpc80").num_rows == 7
+    assert parse_ades_psv(DATA / "sample.psv").num_rows == 3
+    assert parse_csv(DATA / "sample.csv").num_rows == 2
+
+
+def test_unknown_obs_code_names_file_and_line(tmp_path: Path) -> None:
+    lines = (DATA / "sample.mpc80").read_text().splitlines()
+    lines[5] = lines[5][:77] + "Z99"  # line 6 of the file
+    path = tmp_path / "codes.mpc80"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ParseError, match=r"codes\.mpc80:6: observatory code 'Z99': unknown MPC"
+    ) as e:
+        parse_mpc80(path)
+    assert "I41" in str(e.value)  # the message lists the known codes
+    csv_path = tmp_path / "codes.csv"
+    csv_path.write_text("t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n60000.5,1,2,0.5,XYZ\n")
+    with pytest.raises(ParseError, match=r"codes\.csv:2: observatory code 'XYZ'"):
+        parse_csv(csv_path)
