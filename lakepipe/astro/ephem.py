@@ -155,20 +155,22 @@ def body_state(
     body
         One of :data:`BODIES`.
     jd_tdb, jd_tdb2
-        TDB Julian date, optionally split in two parts for precision (summed).
+        TDB Julian date, optionally split in two parts for precision (summed); any
+        broadcastable shapes.
 
     Returns
     -------
     pos, vel
-        Arrays of shape ``(T, 3)`` (or ``(3,)`` for a scalar date).
+        Arrays of shape ``(*shape, 3)`` (``(3,)`` for a scalar date).
     """
     _check_body(body)
     scalar = np.ndim(jd_tdb) == 0 and np.ndim(jd_tdb2) == 0
     jd = np.atleast_1d(np.asarray(jd_tdb, dtype=np.float64))
     jd2 = np.asarray(jd_tdb2, dtype=np.float64)
     jd, jd2 = np.broadcast_arrays(jd, jd2)
-    jd = np.ascontiguousarray(jd, dtype=np.float64)
-    jd2 = np.ascontiguousarray(jd2, dtype=np.float64)
+    shape = jd.shape
+    jd = np.ascontiguousarray(jd, dtype=np.float64).reshape(-1)
+    jd2 = np.ascontiguousarray(jd2, dtype=np.float64).reshape(-1)
     _check_range(jd + jd2)
     if body in _SEGMENT:
         pos, vel = _segment_state(_SEGMENT[body], jd, jd2)
@@ -184,7 +186,7 @@ def body_state(
             vel = vel + vm
     if scalar:
         return pos[0], vel[0]
-    return pos, vel
+    return pos.reshape(*shape, 3), vel.reshape(*shape, 3)
 
 
 def heliocentric_state(
@@ -233,13 +235,14 @@ class PlanetTable:
     def _eval(self, name: str, jd: float, jd2: float) -> np.ndarray:
         coeffs, days = self._segs[name]
         n_sets = coeffs.shape[0]
-        idx, off = divmod((jd - self._d.jd_start) + jd2, days)
+        x = (jd - self._d.jd_start) + jd2
+        if x < 0.0 or x > n_sets * days:
+            _check_range(np.array([jd + jd2]))
+        idx, off = divmod(x, days)
         idx = int(idx)
         if idx == n_sets:  # the very last instant belongs to the last set
             idx -= 1
             off += days
-        if idx < 0 or idx > n_sets:
-            _check_range(np.array([jd + jd2]))
         c = coeffs[idx]
         k = c.shape[1]
         t = 2.0 * off / days - 1.0

@@ -76,11 +76,23 @@ def test_planet_table_matches_body_state() -> None:
         np.testing.assert_allclose(got[i], ephem.heliocentric_state(b, jd)[0], atol=1e-15)
 
 
+def test_array_shapes_broadcast() -> None:
+    jd = 2460700.5 + np.arange(6.0).reshape(2, 3)
+    pos, vel = ephem.body_state("jupiter", jd, 0.25)
+    assert pos.shape == vel.shape == (2, 3, 3)
+    np.testing.assert_array_equal(pos[1, 2], ephem.body_state("jupiter", 2460705.5, 0.25)[0])
+
+
 def test_errors() -> None:
     with pytest.raises(InputNotFoundError, match="pluto"):
         ephem.body_state("vulcan", 2451545.0)
     with pytest.raises(InputNotFoundError, match="outside DE421"):
         ephem.body_state("earth", 2600000.0)
+    _, end = ephem.coverage_jd_tdb()
+    table = ephem.PlanetTable(("mars",))
+    with pytest.raises(InputNotFoundError, match="outside DE421"):
+        table.helio_positions(end, 0.5)
+    assert np.all(np.isfinite(table.helio_positions(end)))
 
 
 def test_site_geocentric_distance_and_rotation_speed() -> None:
