@@ -34,6 +34,7 @@ import numpy as np
 from scipy.integrate._ivp import dop853_coefficients as _DC
 
 from lakepipe.astro import ephem
+from lakepipe.errors import InputNotFoundError, UserError
 
 DEFAULT_PERTURBERS: tuple[str, ...] = ("earth", "mars", "jupiter", "saturn")
 PERTURBER_NAMES = tuple(b for b in ephem.BODIES if b != "sun")
@@ -42,18 +43,20 @@ ATOL = 1e-16
 
 
 def _check_perturbers(perturbers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate perturber names (user input from specs): known, unique, no double Earth."""
     out = tuple(perturbers)
     for p in out:
         if p not in PERTURBER_NAMES:
-            from lakepipe.errors import InputNotFoundError
-
             raise InputNotFoundError(
                 f"unknown perturber {p!r}; available: {', '.join(PERTURBER_NAMES)}"
             )
     if len(set(out)) != len(out):
-        raise ValueError(f"perturbers listed twice: {out}")
+        raise UserError(f"perturbers listed twice: {list(out)}; list each body once")
     if ("earthmoon" in out) and ("earth" in out or "moon" in out):
-        raise ValueError("use either 'earthmoon' or 'earth'/'moon', not both")
+        raise UserError(
+            "perturbers: use either 'earthmoon' (Earth-Moon barycentre) or 'earth'/'moon', "
+            "not both (the Earth's mass would count twice)"
+        )
     return out
 
 

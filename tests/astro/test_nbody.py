@@ -9,7 +9,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from lakepipe.astro import ephem, kepler, nbody
-from lakepipe.errors import InputNotFoundError
+from lakepipe.errors import InputNotFoundError, UserError
 
 AU_KM = 149597870.7
 EPOCH = 2460700.5  # 2025-01-27 TDB
@@ -250,5 +250,9 @@ def test_acceleration_near_earth_is_dominated_by_earth() -> None:
 def test_bad_perturbers() -> None:
     with pytest.raises(InputNotFoundError, match="vulcan"):
         nbody.propagate(close_approach_state(), EPOCH, [EPOCH + 1], perturbers=("vulcan",))
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(UserError, match="twice"):
         nbody.propagate(close_approach_state(), EPOCH, [EPOCH + 1], perturbers=("mars", "mars"))
+    with pytest.raises(UserError, match="earthmoon"):
+        nbody.propagate(
+            close_approach_state(), EPOCH, [EPOCH + 1], perturbers=("earthmoon", "moon")
+        )
