@@ -44,6 +44,39 @@ def test_hyperbolic_round_trip() -> None:
     np.testing.assert_allclose(el["q_au"], 1.0, rtol=1e-12)
 
 
+# JPL Horizons, 1 Ceres, solution JPL#48 (2021-Apr-13): IAU76/J2000 heliocentric ecliptic
+# osculating elements at EPOCH = 2458849.5 TDB and Horizons' "equivalent ICRF heliocentric
+# cartesian coordinates" of the same elements (au, au/day).
+CERES_ELEMENTS = {
+    "a_au": 2.769289292143484,
+    "e": 0.07687465013145245,
+    "inc_deg": 10.59127767086216,
+    "node_deg": 80.3011901917491,
+    "argperi_deg": 73.80896808746482,
+    "mean_anomaly_deg": 130.3159688200986,
+}
+CERES_ICRF_STATE = np.array(
+    [
+        1.007608869627324e00,
+        -2.390064275218395e00,
+        -1.332124522752835e00,
+        9.201724467231788e-03,
+        3.370381135450014e-03,
+        -2.850337057427248e-04,
+    ]
+)
+
+
+def test_ceres_elements_match_jpl_horizons_state() -> None:
+    """Truth: JPL Horizons' own conversion of Ceres' elements to an ICRF state."""
+    state = kepler.elements_to_state(*(CERES_ELEMENTS[k] for k in kepler.ELEMENT_NAMES))[0]
+    assert np.abs(state[:3] - CERES_ICRF_STATE[:3]).max() < 1e-11  # au (1.5 m)
+    assert np.abs(state[3:] - CERES_ICRF_STATE[3:]).max() < 1e-13  # au/day
+    back = kepler.state_to_elements(CERES_ICRF_STATE)
+    for k, v in CERES_ELEMENTS.items():
+        assert back[k][0] == pytest.approx(v, rel=1e-9), k
+
+
 def test_circular_orbit_in_ecliptic_known_state() -> None:
     """Truth: a circular ecliptic orbit at 1 au, M = 90 deg, node = argperi = 0, lies at
     ecliptic (0, 1, 0), i.e. equatorial (0, cos eps, sin eps), moving at sqrt(GM/a)."""

@@ -163,6 +163,46 @@ def test_all_planets_match_barycentric_reference() -> None:
     assert err_km.max() < 0.01  # 10 m over 32 days (measured: 1 m)
 
 
+def test_ceres_one_day_matches_jpl_horizons() -> None:
+    """Truth: JPL Horizons barycentric states of 1 Ceres (solution JPL#48, DE431 planets plus
+    16 massive asteroids), ecliptic J2000, at 1969-07-16.0 and 07-17.0 TDB. Starting from
+    the first (made heliocentric with the DE421 Sun), all DE421 planets reproduce the
+    second to < 1 m, while the Sun alone misses by ~300 m and four planets by ~100 m."""
+    jd0, jd1 = 2440418.5, 2440419.5
+    s0 = np.array(
+        [
+            1.592773884234155,
+            -2.463766259162856,
+            -3.653478442536497e-01,
+            8.151272151318315e-03,
+            5.008550137955732e-03,
+            -1.362500743964101e-03,
+        ]
+    )
+    s1 = np.array(
+        [
+            1.600916030101704,
+            -2.458743583559882,
+            -3.667082473956584e-01,
+            8.133005182370315e-03,
+            5.036789680357272e-03,
+            -1.358303206642045e-03,
+        ]
+    )
+    b0, b1 = kepler.ecliptic_to_equatorial(s0), kepler.ecliptic_to_equatorial(s1)
+    sun0, vsun0 = ephem.body_state("sun", jd0)
+    sun1, _ = ephem.body_state("sun", jd1)
+    helio0 = np.concatenate([b0[:3] - sun0, b0[3:] - vsun0])
+
+    def miss_m(perturbers: tuple[str, ...]) -> float:
+        h1 = nbody.propagate(helio0, jd0, [jd1], perturbers=perturbers)[0, 0]
+        return float(np.linalg.norm(h1[:3] + sun1 - b1[:3]) * AU_KM * 1e3)
+
+    assert miss_m(ALL_PLANETS) < 1.0
+    assert miss_m(nbody.DEFAULT_PERTURBERS) > 50.0
+    assert miss_m(()) > 200.0
+
+
 def test_matches_rebound_ias15_near_earth_60_days() -> None:
     """Issue 6 item 10: <= 0.05 arcsec geocentric sky position vs REBOUND IAS15 over 60
     days for a near-Earth orbit that passes 0.023 au from Earth; and <= 1 km per replica."""
