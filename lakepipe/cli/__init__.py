@@ -11,6 +11,7 @@ import typer
 
 from lakepipe import __version__
 from lakepipe.cli import lake as _lake  # noqa: F401  (registers commands)
+from lakepipe.cli import plot as _plot  # noqa: F401
 from lakepipe.cli import query as _query  # noqa: F401
 from lakepipe.cli import run as _run  # noqa: F401
 from lakepipe.cli import sim as _sim  # noqa: F401

@@ -19,7 +19,7 @@ from lakepipe.cli.common import (
     write_output,
 )
 from lakepipe.errors import UserError
-from lakepipe.export import ExportMeta
+from lakepipe.export import ExportMeta, formats
 from lakepipe.sql import LakeSQL
 from lakepipe.tables import get_contract
 
@@ -86,12 +86,14 @@ def export(
         options["target"] = target
     if t0 is not None:
         options["t0"] = t0
+    fmt = output_format(fmt, out if out != "-" else None, "csv")
     if table:
         get_contract(table)  # unknown table → clear error listing the tables
-        result = LakeSQL(lk).query(f'select * from "{table}"')
+        source = formats.get(fmt).source
+        query_sql = (source(table, options) if source else None) or f'select * from "{table}"'
+        result = LakeSQL(lk).query(query_sql)
     else:
         result = LakeSQL(lk).query(_read_sql(sql or ""))
-    fmt = output_format(fmt, out if out != "-" else None, "csv")
     meta = ExportMeta.for_columns(result.column_names, table_name=table, **options)
     path = write_output(result, fmt, out, meta)
     if path:

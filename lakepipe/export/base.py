@@ -52,28 +52,40 @@ class ExportMeta:
 Writer = Callable[[pa.Table, BinaryIO, ExportMeta], None]
 
 
+Source = Callable[[str, dict[str, Any]], str | None]
+
+
 @dataclass(frozen=True)
 class Format:
-    """A registered export format."""
+    """A registered export format.
+
+    ``source(table, options)`` may return the SQL that feeds the writer when it needs
+    columns from other tables (the GCN table joins exposure times), else None.
+    """
 
     name: str
     write: Writer
     suffixes: tuple[str, ...]
     binary: bool
     description: str
+    source: Source | None = None
 
 
 formats: Registry[Format] = Registry("export format", "lakepipe.export", "lakepipe.exporters")
 
 
 def register_format(
-    name: str, *, suffixes: tuple[str, ...] = (), binary: bool = False
+    name: str,
+    *,
+    suffixes: tuple[str, ...] = (),
+    binary: bool = False,
+    source: Source | None = None,
 ) -> Callable[[Writer], Writer]:
     """Register ``write_<name>`` as format ``name`` (suffixes infer it from ``-o FILE``)."""
 
     def decorate(fn: Writer) -> Writer:
         doc = (fn.__doc__ or "").strip().splitlines()
-        formats.register(name)(Format(name, fn, suffixes, binary, doc[0] if doc else ""))
+        formats.register(name)(Format(name, fn, suffixes, binary, doc[0] if doc else "", source))
         return fn
 
     return decorate

@@ -1,0 +1,75 @@
+"""``lakepipe plot …``: PNG figures from the lake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lakepipe.cli.common import (
+    LAKE_OPT,
+    PIPELINE_OPT,
+    app,
+    err_console,
+    handle_errors,
+    lake_for,
+    require_lake,
+)
+from lakepipe.sql import LakeSQL
+
+plot_app = typer.Typer(help="Draw figures from the lake (PNG).", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+@plot_app.command("lightcurve")
+@handle_errors
+def lightcurve(
+    target: str = typer.Argument(..., help="object_id in the lightcurves table"),
+    out: Path = typer.Option(..., "--output", "-o", help="PNG file to write"),
+    t0: str | None = typer.Option(None, "--t0", help="Plot days since T0 (ISO UTC or MJD)"),
+    lake: str | None = LAKE_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+) -> None:
+    """Plot a target's lightcurve: error bars, upper-limit arrows, a colour per filter.
+
+    Example: lakepipe plot lightcurve transient -p demo -o lc.png --t0 2025-01-02T00:00:00
+    """
+    from lakepipe.export.gcn import parse_t0
+    from lakepipe.plots import plot_lightcurve
+
+    lk = require_lake(lake_for(lake, pipeline))
+    rows = LakeSQL(lk).query(
+        f"select * from lightcurves where object_id = {_sql_str(target)} order by mjd"
+    )
+    t0_mjd = parse_t0(t0) if t0 is not None else None
+    path = plot_lightcurve(rows, target, out, t0_mjd=t0_mjd)
+    err_console().print(f"wrote {path} ({rows.num_rows} points)", markup=False)
+
+
+@plot_app.command("cutouts")
+@handle_errors
+def cutouts(
+    target: str = typer.Argument(..., help="target_id in the cutouts table"),
+    out: Path = typer.Option(..., "--output", "-o", help="PNG file to write"),
+    aperture_arcsec: float = typer.Option(5.0, "--aperture-arcsec", help="Circle radius"),
+    lake: str | None = LAKE_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+) -> None:
+    """Plot a grid of a target's cutouts (zscale) with the aperture drawn.
+
+    Example: lakepipe plot cutouts center -p demo -o stamps.png
+    """
+    from lakepipe.plots import plot_cutouts
+
+    lk = require_lake(lake_for(lake, pipeline))
+    rows = LakeSQL(lk).query(
+        "select c.*, e.mjd, e.filter from cutouts c left join exposures e using (exposure_id) "
+        f"where c.target_id = {_sql_str(target)} and c.status in ('ok', 'partial') "
+        "order by e.mjd"
+    )
+    path = plot_cutouts(rows, lk.files.abspath, target, out, aperture_arcsec=aperture_arcsec)
+    err_console().print(f"wrote {path} ({min(rows.num_rows, 36)} stamps)", markup=False)

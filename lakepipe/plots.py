@@ -1,0 +1,132 @@
+"""Figures users look at: a target's lightcurve and its cutout stamps.
+
+Built with matplotlib's object API on the Agg canvas (no pyplot state, no display),
+written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lakepipe.errors import UserError
+
+# One colour per filter (ZTF convention: g green, r red, i dark orange).
+FILTER_COLOURS = {"zg": "#2ca02c", "zr": "#d62728", "zi": "#8c564b"}
+FALLBACK_COLOURS = ["#1f77b4", "#9467bd", "#e377c2", "#7f7f7f", "#17becf"]
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    out = Path(out)
+    if not out.parent.exists():
+        raise UserError(f"output folder {out.parent} does not exist; create it")
+    FigureCanvasAgg(fig)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, out)
+    return out
+
+
+def plot_lightcurve(rows: pa.Table, target: str, out: Path, *, t0_mjd: float | None = None) -> Path:
+    """Magnitude vs time, error bars for detections, arrows for 5-sigma upper limits."""
+    data = [r for r in rows.to_pylist() if str(r["object_id"]) == str(target)]
+    if not data:
+        raise UserError(f"no lightcurve rows for target {target!r}")
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    filters = sorted({r["filter"] for r in data})
+    offset = t0_mjd or 0.0
+
+    def t(rs: list[dict]) -> np.ndarray:
+        return np.array([r["mjd"] for r in rs]) - offset
+
+    for i, f in enumerate(filters):
+        colour = FILTER_COLOURS.get(f, FALLBACK_COLOURS[i % len(FALLBACK_COLOURS)])
+        det = [
+            r for r in data if r["filter"] == f and not r["upper_limit"] and r["mag"] is not None
+        ]
+        lim = [r for r in data if r["filter"] == f and r["upper_limit"] and r["limit_mag"]]
+        if det:
+            ax.errorbar(
+                t(det),
+                [r["mag"] for r in det],
+                yerr=[r["mag_err"] for r in det],
+                fmt="o",
+                ms=4,
+                color=colour,
+                label=f"{f} ({len(det)})",
+                capsize=2,
+            )
+        if lim:
+            ax.errorbar(
+                t(lim),
+                [r["limit_mag"] for r in lim],
+                yerr=0.25,
+                lolims=True,
+                fmt="v",
+                ms=5,
+                color=colour,
+                alpha=0.6,
+                mfc="none",
+                label=f"{f} 5σ limit ({len(lim)})",
+            )
+    ax.invert_yaxis()  # brighter is up
+    system = next((r["mag_system"] for r in data if r.get("mag_system")), "")
+    ax.set_ylabel(f"magnitude {f'({system})' if system else ''}")
+    ax.set_xlabel(f"days since T0 (MJD {t0_mjd:.4f})" if t0_mjd is not None else "MJD (UTC)")
+    ax.set_title(f"{target}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, out)
+
+
+def plot_cutouts(
+    cutouts: pa.Table,
+    image_path: Callable[[str], Path],
+    target: str,
+    out: Path,
+    *,
+    aperture_arcsec: float = 5.0,
+    max_stamps: int = 36,
+) -> Path:
+    """A grid of the target's cutout stamps (zscale), each with the aperture drawn."""
+    from astropy.io import fits
+    from astropy.visualization import ZScaleInterval
+    from astropy.wcs import WCS, FITSFixedWarning
+    from matplotlib.patches import Circle
+
+    rows = [r for r in cutouts.to_pylist() if str(r["target_id"]) == str(target) and r["path"]]
+    if not rows:
+        raise UserError(f"no cutout files for target {target!r}; see the cutouts table")
+    rows.sort(key=lambda r: (r.get("mjd") or 0.0, r["exposure_id"]))
+    rows = rows[:max_stamps]
+    ncol = min(6, len(rows))
+    nrow = int(np.ceil(len(rows) / ncol))
+    fig = Figure(figsize=(2.1 * ncol, 2.3 * nrow))
+    for i, r in enumerate(rows):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        with fits.open(image_path(r["path"])) as hdul:
+            hdu = next(h for h in hdul if h.data is not None)
+            data = np.asarray(hdu.data, dtype=float)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)  # non-standard cards
+                wcs = WCS(hdu.header)
+        finite = np.isfinite(data)
+        vmin, vmax = ZScaleInterval().get_limits(data[finite]) if finite.any() else (0, 1)
+        ax.imshow(data, origin="lower", cmap="gray_r", vmin=vmin, vmax=vmax)
+        x, y = wcs.world_to_pixel_values(r["ra"], r["dec"])
+        scale = abs(wcs.proj_plane_pixel_scales()[0].to_value("arcsec")) or 1.0
+        ax.add_patch(Circle((x, y), aperture_arcsec / scale, fill=False, color="#d62728", lw=1))
+        label = f"{r.get('filter') or ''} {r['mjd']:.3f}" if r.get("mjd") else str(r["exposure_id"])
+        ax.set_title(label, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{target}: {len(rows)} cutouts (aperture r = {aperture_arcsec:g}″)", fontsize=9)
+    return _save(fig, out)

@@ -1,0 +1,189 @@
+"""GCN circular tables and plots from a lake written through the real commit path.
+
+Truth: a hand-made lightcurve of a fading source with known times, magnitudes and one
+upper limit; the table must show T-T0 in hours, the limit as '> 20.80', the system.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow as pa
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from lakepipe.export.base import ExportMeta
+from lakepipe.export.gcn import time_unit, write_gcn
+from lakepipe.lake import Commit, Lake, PartitionEntry
+from lakepipe.runner import prepare_table
+from lakepipe.tables import get_contract
+
+T0 = 60678.0  # 2025-01-03T00:00:00 UTC
+
+
+def commit(lake: Lake, table: str, key: str, rows: pa.Table) -> None:
+    t = prepare_table("test", table, rows, key)
+    files, n = lake.write_partition(get_contract(table), key, t, f"{table}{key}".ljust(64, "0"))
+    entry = PartitionEntry(files, n, "fp", "test", "test:1", "p", "i", "run")
+    lake.commit([Commit("test", key, {table: entry})])
+
+
+def lightcurve_rows() -> pa.Table:
+    mjd = T0 + np.array([0.10, 0.15, 0.40, 0.45, 0.90])
+    return pa.table(
+        {
+            "object_id": ["grb"] * 5,
+            "ra": [150.0] * 5,
+            "dec": [2.2] * 5,
+            "exposure_id": pa.array([11, 12, 13, 14, 15], pa.int64()),
+            "source_id": pa.array([1, 2, 3, 4, 5], pa.int64()),
+            "mjd": mjd,
+            "filter": ["zr", "zg", "zr", "zg", "zr"],
+            "mag": [18.5, 18.9, 19.4, None, 20.1],
+            "mag_err": [0.03, 0.04, 0.06, None, 0.15],
+            "upper_limit": [False, False, False, True, False],
+            "limit_mag": [None, None, None, 20.8, None],
+            "snr": [35.0, 27.0, 18.0, 2.0, 7.0],
+            "forced": [False, False, False, True, False],
+            "sep_arcsec": [0.2, 0.3, 0.2, 0.0, 0.4],
+            "mag_system": ["AB"] * 5,
+        }
+    )
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    lake = Lake(tmp_path / "lake")
+    commit(lake, "lightcurves", "bucket=07", lightcurve_rows())
+    return lake
+
+
+def test_gcn_table_from_cli(lake, cli, tmp_path):
+    out = tmp_path / "grb.gcn"
+    r = cli(
+        "export",
+        "lightcurves",
+        "--lake",
+        lake.root,
+        "--format",
+        "gcn",
+        "--target",
+        "grb",
+        "--t0",
+        "2025-01-03T00:00:00",
+        "-o",
+        out,
+    )
+    assert r.exit_code == 0, r.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].split(" | ")[0].strip() == "T-T0 (h)"
+    assert "Mag (AB)" in lines[0]
+    first = [c.strip() for c in lines[2].split("|")]
+    assert first[0] == "2.400" and first[2] == "r" and first[4] == "18.50 +/- 0.03"
+    limit = [c.strip() for c in lines[5].split("|")]
+    assert limit[0] == "10.800" and limit[2] == "g" and limit[4] == "> 20.80"
+    assert len([ln for ln in lines if " | " in ln]) == 6  # header + 5 rows
+    assert "AB system" in lines[-1]
+
+
+def test_gcn_first_per_filter_and_errors(lake, cli, tmp_path):
+    out = tmp_path / "first.gcn"
+    r = cli(
+        "export",
+        "lightcurves",
+        "--lake",
+        lake.root,
+        "-f",
+        "gcn",
+        "--target",
+        "grb",
+        "--t0",
+        str(T0),
+        "--opt",
+        "rows=first",
+        "-o",
+        out,
+    )
+    assert r.exit_code == 0, r.stderr
+    rows = [ln for ln in out.read_text().splitlines()[2:] if " | " in ln]
+    assert [c.split("|")[2].strip() for c in rows] == ["r", "g"]
+    r = cli(
+        "export",
+        "lightcurves",
+        "--lake",
+        lake.root,
+        "-f",
+        "gcn",
+        "--target",
+        "nope",
+        "--t0",
+        str(T0),
+        "-o",
+        out,
+    )
+    assert r.exit_code == 2 and "no lightcurve rows for target 'nope'; objects: grb" in r.stderr
+    r = cli("export", "lightcurves", "--lake", lake.root, "-f", "gcn", "--target", "grb", "-o", out)
+    assert r.exit_code == 2 and "needs --t0" in r.stderr
+
+
+def test_time_units_follow_the_span():
+    assert time_unit(np.array([100 / 86400]))[0] == "s"
+    assert time_unit(np.array([0.05]))[0] == "min"
+    assert time_unit(np.array([1.0]))[0] == "h"
+    assert time_unit(np.array([3.0]))[0] == "d"
+    buf = io.BytesIO()
+    write_gcn(lightcurve_rows(), buf, ExportMeta(options={"target": "grb", "t0": T0 - 5}))
+    assert buf.getvalue().decode().startswith("T-T0 (d)")
+
+
+def _not_blank(path) -> bool:
+    img = mpimg.imread(path)
+    return img.ndim == 3 and float(np.std(img[..., :3])) > 0.05
+
+
+def test_plot_lightcurve(lake, cli, tmp_path):
+    out = tmp_path / "lc.png"
+    r = cli("plot", "lightcurve", "grb", "--lake", lake.root, "-o", out, "--t0", str(T0))
+    assert r.exit_code == 0, r.stderr
+    assert _not_blank(out) and "5 points" in r.stderr
+
+
+def test_plot_cutouts(tmp_path, cli):
+    lake = Lake(tmp_path / "lake")
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.2]
+    w.wcs.crpix = [32.5, 32.5]
+    w.wcs.cdelt = [-1.01 / 3600, 1.01 / 3600]
+    yy, xx = np.mgrid[:64, :64]
+    data = 100 + 5000 * np.exp(-((xx - 31.5) ** 2 + (yy - 31.5) ** 2) / 8.0)
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data.astype(np.float32), header=w.to_header()).writeto(buf)
+    ref = lake.files.put_bytes(buf.getvalue(), kind="cutouts", suffix=".fits")
+    rows = pa.table(
+        {
+            "cutout_id": pa.array([1, 2], pa.int64()),
+            "exposure_id": pa.array([11, 12], pa.int64()),
+            "target_id": ["grb", "grb"],
+            "ra": [150.0, 150.0],
+            "dec": [2.2, 2.2],
+            "size_arcsec": [64.0, 64.0],
+            "naxis1": pa.array([64, 64], pa.int32()),
+            "naxis2": pa.array([64, 64], pa.int32()),
+            "path": [ref.path, ref.path],
+            "sha256": [ref.sha256, ref.sha256],
+            "bytes": pa.array([ref.bytes, ref.bytes], pa.int64()),
+            "status": ["ok", "ok"],
+            "reason": pa.array([None, None], pa.string()),
+        }
+    )
+    commit(lake, "cutouts", "night=2025-01-03", rows)
+    out = tmp_path / "stamps.png"
+    r = cli("plot", "cutouts", "grb", "--lake", lake.root, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert _not_blank(out)
+    r = cli("plot", "cutouts", "other", "--lake", lake.root, "-o", out)
+    assert r.exit_code == 2 and "no cutout files for target 'other'" in r.stderr
