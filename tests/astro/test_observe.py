@@ -71,6 +71,19 @@ def test_planet_geometry_from_de421_directly() -> None:
     assert eph["r_au"][0, 0] == pytest.approx(r_mars, rel=1e-9)
 
 
+def test_mars_matches_jpl_horizons_astrometric_place() -> None:
+    """Truth: JPL Horizons' geocentric astrometric (ICRF, light-time corrected) place of
+    Mars at 2020-06-02 00:00 UTC, 23h01m20.93s -08d51m51.6s, as quoted in Skyfield's
+    documentation (elongation example). Horizons rounds to 0.01 s and 0.1 arcsec."""
+    mjd = np.array([59002.0])
+    jd1, jd2 = observatories.utc_to_tdb_jd(mjd)
+    pos, vel = ephem.heliocentric_state("mars", jd1, jd2)
+    eph = observe.ephemeris(np.hstack([pos, vel]), float(jd1[0] + jd2[0]), mjd, obs_code="500")
+    want_ra = (23 + 1 / 60 + 20.93 / 3600) * 15
+    want_dec = -(8 + 51 / 60 + 51.6 / 3600)
+    assert _sep_arcsec(eph["ra_deg"][0, 0], eph["dec_deg"][0, 0], want_ra, want_dec) < 0.2
+
+
 def test_topocentric_parallax_of_a_near_earth_object() -> None:
     """Truth: the shift between geocentric (500) and I41 directions equals the site's
     geocentric offset perpendicular to the line of sight divided by the distance."""
