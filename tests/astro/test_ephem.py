@@ -149,6 +149,15 @@ def test_unknown_code_and_registration(tmp_path, monkeypatch) -> None:
         observatories.load_obscodes(bad)
 
 
+def test_obscodes_from_environment(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "codes.txt"
+    f.write_text("Y99 343.4906 0.88148 +0.47142 Test site, Teide\n")
+    monkeypatch.setattr(observatories, "OBSERVATORIES", dict(observatories.OBSERVATORIES))
+    monkeypatch.setattr(observatories, "_ENV_LOADED", False)
+    monkeypatch.setenv("LAKEPIPE_OBSCODES", str(f))
+    assert observatories.get_observatory("Y99").name == "Test site, Teide"
+
+
 def test_topocentric_parallax_of_nearby_object() -> None:
     """A NEO at 0.05 au seen from I41 vs the geocentre differs by up to
     asin(6373 km / 0.05 au) = 176 arcsec; check the observed shift is of that size."""
