@@ -163,13 +163,17 @@ def crossmatch(
         q = a + np.argsort(r1[a:b], kind="stable")  # RA order inside the band: cache locality
         x1 = unit_vectors(r1[q], d1[q])
         tree = cKDTree(
-            unit_vectors(r2[lo:hi], d2[lo:hi]), leafsize=16, balanced_tree=False, copy_data=False
+            unit_vectors(r2[lo:hi], d2[lo:hi]),
+            leafsize=16,
+            balanced_tree=False,  # sliding midpoint: faster to build, as fast to query
+            compact_nodes=False,
+            copy_data=False,
         )
         if mode == "nearest":
             dist, j = tree.query(x1, k=1, distance_upper_bound=chord)
             hit = np.isfinite(dist)
             return q[hit], lo + j[hit].astype(np.int64)
-        qtree = cKDTree(x1, leafsize=16, balanced_tree=False, copy_data=False)
+        qtree = cKDTree(x1, leafsize=16, balanced_tree=False, compact_nodes=False, copy_data=False)
         pairs = qtree.sparse_distance_matrix(tree, chord, output_type="ndarray")
         return q[pairs["i"]], lo + pairs["j"].astype(np.int64)
 
@@ -187,10 +191,14 @@ def crossmatch(
     sep = angular_separation_arcsec(r1[s1], d1[s1], r2[s2], d2[s2])
     keep = sep <= radius_arcsec
     i1, i2, sep = o1[s1[keep]], o2[s2[keep]], sep[keep]
+    if mode == "nearest":  # one pair per left row: scatter into row order, O(n)
+        slot = np.full(ra1.size, -1, dtype=np.int64)
+        slot[i1] = np.arange(i1.size)
+        order = slot[slot >= 0]
+        return Matches(i1[order], i2[order], sep[order], np.ones(order.size, dtype=np.int32))
     order = np.lexsort((i2, sep, i1))  # by left row, then separation, then right row
     i1, i2, sep = i1[order], i2[order], sep[order]
-    rank = _ranks(i1)
-    return Matches(i1, i2, sep, rank)
+    return Matches(i1, i2, sep, _ranks(i1))
 
 
 def _ranks(sorted_keys: np.ndarray) -> np.ndarray:
