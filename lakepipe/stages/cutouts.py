@@ -76,13 +76,17 @@ class CutoutsStage(Stage):
       ``inputs`` so that its changes rerun this stage.
     - ``targets``: fixed positions ``[{id, ra, dec}, ...]``.
     - ``center``: one fixed position ``{ra, dec}``, or the exposures stage's whole
-      ``where`` block (share it with a YAML anchor) to centre on its cone or box centre.
+      ``where`` block (share it with a YAML anchor) to centre on its cone or box centre
+      (an anchor is resolved when the file is read: ``--set`` changes one copy only).
     - otherwise each exposure's own centre. Default target id: ``center``.
 
     A target outside the exposure's footprint is ``off_chip`` without asking the
     archive. A rerun fetches nothing already present: the previous committed row of the
     same ``cutout_id`` (same exposure, target, position and size) is kept when its file
     verifies against its checksum; a missing, corrupt or truncated file is fetched again.
+    (The runner skips nights whose inputs and params are unchanged without calling the
+    stage; ``lakepipe run SPEC --force cutouts`` re-verifies every file and fetches only
+    the missing or corrupt ones.)
     A failed fetch (archive error) gives ``status: failed`` with the reason; the night
     fails (and is retried by the next run) when fetches failed and none succeeded.
 

@@ -239,3 +239,31 @@ def test_night_label_keeps_a_chilean_night_together():
     # Palomar (lon -116.9): UTC date, as the sim archive labels it
     t = to_mjd("2025-01-03T05:00:00")
     assert night_label(t, -116.9) == night_label(t) == "2025-01-03"
+
+
+def test_tile_compressed_images(tmp_path):
+    """A RICE-compressed (.fz) integer image is read losslessly, with its WCS."""
+    from tests.data.fits_images import render, wcs_header
+
+    d = tmp_path / "fz"
+    d.mkdir()
+    spec = ImageSpec(30.0, 45.0, distortion="sip", stars=[Star(30.002, 45.001, 2e4)])
+    header = wcs_header(spec)
+    data = np.round(render(spec, header)).astype(np.int32)
+    hdu = fits.CompImageHDU(data=data, compression_type="RICE_1")
+    for card in header.cards:
+        if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
+            hdu.header[card.keyword] = card.value
+    primary = fits.PrimaryHDU()
+    primary.header["MJD-OBS"] = 60700.25
+    primary.header["EXPTIME"] = 60.0
+    fits.HDUList([primary, hdu]).writeto(d / "img.fits.fz")
+    a = archive(d)
+    (r,) = a.exposures().to_pylist()
+    assert (r["naxis1"], r["naxis2"]) == (120, 100)
+    assert r["mjd"] == pytest.approx(60700.25 + 30 / 86400, abs=1e-9)
+    h, got = a.image(r["exposure_id"])
+    np.testing.assert_array_equal(got, data.astype(np.float32))
+    assert not any(k.startswith("ZIMAGE") for k in h)
+    ra, dec = wcsu.image_center(wcsu.celestial_wcs(h), 120, 100)
+    assert (ra, dec) == pytest.approx((r["ra"], r["dec"]), abs=1e-12)
