@@ -86,7 +86,7 @@ class SurveyConfig(BaseModel):
     transient: bool = Field(True, description="Include the fading transient")
     n_vanished: int = Field(6, ge=0, description="Catalog stars absent from the images")
     n_appeared: int = Field(6, ge=0, description="Image sources absent from the catalog")
-    n_asteroids: int = Field(0, ge=0, description="Asteroids")
+    n_asteroids: int = Field(3, ge=0, description="Asteroids")
     defects: bool = Field(True, description="Cosmic rays, hot pixels, a bad column")
     cosmic_rays: int = Field(
         60, ge=0, description="Cosmic-ray hits per full-size (3072×3080) exposure"
