@@ -311,6 +311,10 @@ class ArchiveEmulator(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients hanging up (resets, broken pipes) are normal here: log, don't print."""
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -33,7 +33,14 @@ SEARCH = "/ibe/search/ztf/products/sci"
 def small_sim() -> SimArchive:
     """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render."""
     return SimArchive.from_config(
-        naxis1=256, naxis2=256, n_nights=2, n_fields=2, visits_per_night=2, filters=["zg", "zr"]
+        naxis1=256,
+        naxis2=256,
+        n_nights=2,
+        n_fields=2,
+        visits_per_night=2,
+        filters=["zg", "zr"],
+        n_stars=3000,
+        defects=False,
     )
 
 
