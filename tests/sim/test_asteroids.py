@@ -183,3 +183,30 @@ def test_nbody_ephemeris_differs_from_two_body_by_the_planetary_perturbation():
         near = dt < 0.01
         assert near.any()
         assert diff_arcsec[near].max() < 1e-5
+
+
+def test_asteroid_truth_tables_conform():
+    import pyarrow as pa
+
+    from lakepipe.astro.healpix import healpix_index
+    from lakepipe.tables import get_contract
+
+    a = archive()
+    truth = a.asteroid_truth()
+    assert truth["asteroids"].num_rows == 3
+    # truth: the stored elements reproduce the stored states (two-body conversion)
+    from lakepipe.astro import kepler
+
+    st = np.column_stack(
+        [
+            truth["asteroids"][c].to_numpy()
+            for c in ("x_au", "y_au", "z_au", "vx_au_per_day", "vy_au_per_day", "vz_au_per_day")
+        ]
+    )
+    el = [truth["asteroids"][c].to_numpy() for c in kepler.ELEMENT_NAMES]
+    np.testing.assert_allclose(kepler.elements_to_state(*el), st, rtol=0, atol=1e-12)
+    night = a.nights()[0]
+    pos = a.truth_tables(night)["truth_asteroids"]
+    hp = healpix_index(pos["ra"].to_numpy(), pos["dec"].to_numpy())
+    out = get_contract("truth_asteroids").conform(pos.append_column("_healpix_29", pa.array(hp)))
+    assert out.num_rows == 3 * len([e for e in a.sim.survey.exposures if e.night == night])
