@@ -74,6 +74,7 @@ def ntt():
         detect_params=ph.DetectParams(
             threshold_sigma=float(cfg["DETECT_THRESH"]),
             threshold_rms="global",
+            threshold_on="image",
             minarea=int(cfg["DETECT_MINAREA"]),
             deblend_nthresh=int(cfg["DEBLEND_NTHRESH"]),
             deblend_cont=float(cfg["DEBLEND_MINCONT"]),
