@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 import warnings
 
@@ -311,3 +312,40 @@ def test_cutouts_agree_with_the_generic_fits_cutout_helper():
         assert h1["CRPIX1"] == h2["CRPIX1"] and h1["CRPIX2"] == h2["CRPIX2"]
     ra, dec = w.all_pix2world([[-30.0, 5.0]], 0)[0]
     assert a.cutout(eid, ra, dec, 30.0)[2] == make_cutout(header, data, ra, dec, 30.0)[2]
+
+
+def test_variables_and_transient_follow_their_lightcurves_in_the_truth():
+    # truth: per exposure, a variable's magnitude is its catalog magnitude in the filter
+    # plus the light-curve offset at the exposure's mjd; the transient appears after t0
+    # and fades as the power law says
+    from lakepipe.sim.catalog import filter_mag
+    from lakepipe.sim.variables import transient_mag, variable_dmag
+
+    a = archive(n_variables=8, n_stars=800)
+    obj = {r["source_id"]: r for r in a.objects().to_pylist()}
+    var = {r["source_id"]: r for r in a.variables().to_pylist()}
+    tr = a.transient()
+    n_var = 0
+    transient_mags = []
+    for eid in a.exposures()["exposure_id"].to_pylist():
+        exp = a.sim.survey.exposure(eid)
+        for r in a.truth(eid).to_pylist():
+            if r["kind"] == "variable":
+                o, v = obj[r["object_id"]], var[r["object_id"]]
+                base = filter_mag(o["phot_g_mean_mag"], o["bp_rp"], exp.filter)
+                dm = variable_dmag(
+                    v["var_type"], v["period_d"], v["amplitude_mag"], v["epoch_mjd"], exp.mjd
+                )
+                assert r["mag"] == pytest.approx(float(base + dm), abs=1e-9)
+                n_var += 1
+            if r["kind"] == "transient":
+                assert exp.mjd >= tr["t0_mjd"]
+                expected = transient_mag(
+                    exp.mjd, tr["t0_mjd"], tr["peak_mag"][exp.filter], tr["alpha"]
+                )
+                assert r["mag"] == pytest.approx(float(expected), abs=1e-9)
+                transient_mags.append((exp.mjd, exp.filter, r["mag"]))
+    assert n_var > 0
+    assert transient_mags, "the transient never landed on an exposure"
+    zr = sorted((m, mag) for m, f, mag in transient_mags if f == transient_mags[0][1])
+    assert all(b[1] > a_[1] for a_, b in itertools.pairwise(zr))  # fading
