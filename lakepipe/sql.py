@@ -114,7 +114,7 @@ class LakeSQL:
             con.execute(
                 "create view _runs as select * from read_json("
                 f"[{file_list}], format='newline_delimited', columns={{{cols}}}, "
-                "ignore_errors=true)"
+                "ignore_errors=true) where status is not null"  # a torn last line → nulls
             )
         else:
             select = ", ".join(f"cast(null as {t}) as {k}" for k, t in RUNS_COLUMNS.items())

@@ -97,3 +97,12 @@ def test_empty_tables_exist_with_contract_schema(lake):
 def test_sandbox_and_errors(lake, sql, pattern):
     with pytest.raises(SQLError, match=pattern):
         LakeSQL(lake).query(sql)
+
+
+def test_runs_tolerates_a_torn_last_line(lake):
+    # a run killed mid-append leaves half a JSON line; the log must stay queryable
+    log = lake.fs.abspath(lake.run_log_files()[0])
+    with open(log, "a") as fh:
+        fh.write('{"run_id": "x", "stage": "numb')
+    n = LakeSQL(lake).query("select count(*) as n from _runs").column("n")[0].as_py()
+    assert n == 8
