@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import math
 import warnings
@@ -216,29 +215,51 @@ class FitsDirArchive(Archive):
             )
         return sorted(p for p in root.glob(self.params.pattern) if p.is_file())
 
+    def _stats(self) -> list[tuple[str, int, int]]:
+        """(relative path, size, mtime_ns) of every matched file: the folder's state."""
+        out = []
+        for p in self.files():
+            st = p.stat()
+            out.append((p.relative_to(self.root).as_posix(), st.st_size, st.st_mtime_ns))
+        return out
+
     def fingerprint(self) -> str:
         """Params plus every matched file's path, size and modification time."""
         h = hashlib.sha256(super().fingerprint().encode())
-        for p in self.files():
-            st = p.stat()
-            h.update(f"{p.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for rel, size, mtime in self._stats():
+            h.update(f"{rel}|{size}|{mtime}\n".encode())
         return f"fits_dir:{h.hexdigest()}"
 
-    @functools.cached_property
+    @property
     def _index(self) -> list[_Entry]:
-        entries: list[_Entry] = []
-        for path in self.files():
-            rel = path.relative_to(self.root).as_posix()
-            try:
-                entries.extend(self._scan(path, rel))
-            except ParseError:
-                if self.params.on_bad_file == "error":
-                    raise
-        return entries
+        """Every exposure of the folder, rescanned when a file was added, removed or
+        rewritten since the last scan (an archive can outlive one run)."""
+        state = self._stats()
+        if getattr(self, "_state", None) != state:
+            entries: list[_Entry] = []
+            for rel, _size, _mtime in state:
+                try:
+                    entries.extend(self._scan(self.root / rel, rel))
+                except ParseError:
+                    if self.params.on_bad_file == "error":
+                        raise
+            self._entries = entries
+            self._ids = {e.row["exposure_id"]: e for e in entries}
+            self._state = state
+            self._last_image = None
+        return self._entries
 
-    @functools.cached_property
-    def _by_id(self) -> dict[int, _Entry]:
-        return {e.row["exposure_id"]: e for e in self._index}
+    def _entry(self, exposure_id: int) -> _Entry:
+        ids = getattr(self, "_ids", None)
+        if ids is None or int(exposure_id) not in ids:
+            self._index  # noqa: B018 - (re)scan: the folder may have changed
+        try:
+            return self._ids[int(exposure_id)]
+        except KeyError:
+            raise InputNotFoundError(
+                f"fits_dir archive {self.root}: no exposure with id {exposure_id}; the folder "
+                "changed since the exposures table was made? Rerun the exposures stage"
+            ) from None
 
     def _scan(self, path: Path, rel: str) -> Iterator[_Entry]:
         with _open_fits(path) as hdul:
@@ -392,17 +413,23 @@ class FitsDirArchive(Archive):
         """Sorted nights with at least one selected exposure."""
         return sorted({r["night"] for r in self._select(where)})
 
-    def _entry(self, exposure_id: int) -> _Entry:
-        try:
-            return self._by_id[int(exposure_id)]
-        except KeyError:
-            raise InputNotFoundError(
-                f"fits_dir archive {self.root}: no exposure with id {exposure_id}; the folder "
-                "changed since the exposures table was made? Rerun the exposures stage"
-            ) from None
-
     def image(self, exposure_id: int) -> tuple[fits.Header, np.ndarray]:
-        """The exposure's merged header and pixel data (BSCALE/BZERO applied, float)."""
+        """The exposure's merged header and pixel data (BSCALE/BZERO applied, float).
+
+        The last image read is kept, so many cutouts of one exposure read it once.
+        """
+        e = self._entry(exposure_id)
+        st = (self.root / e.relpath).stat()
+        key = (int(exposure_id), st.st_size, st.st_mtime_ns)
+        cached = getattr(self, "_last_image", None)
+        if cached is not None and cached[0] == key:
+            return cached[1].copy(), cached[2]
+        header, data = self._read_image(exposure_id)
+        data.flags.writeable = False
+        self._last_image = (key, header, data)
+        return header.copy(), data
+
+    def _read_image(self, exposure_id: int) -> tuple[fits.Header, np.ndarray]:
         e = self._entry(exposure_id)
         path = self.root / e.relpath
         with _open_fits(path) as hdul:

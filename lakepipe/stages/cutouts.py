@@ -230,7 +230,8 @@ class CutoutsStage(Stage):
             raise StageError(f"stage {self.name!r} needs an archive", stage=self.name)
         night = partition.values["night"]
         exposures = ctx.lake.read("exposures", partitions=[partition.key])
-        requests = self.requests(ctx, exposures)
+        # exposure-major order: archives cache the last full images they read
+        requests = sorted(self.requests(ctx, exposures), key=lambda q: (q.exposure_id, q.target_id))
         previous = {
             r["cutout_id"]: r
             for r in ctx.lake.read("cutouts", partitions=[partition.key]).to_pylist()
