@@ -21,6 +21,7 @@ of one exposure cost one render.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -58,6 +59,18 @@ class SimArchive(Archive):
         self.config = SurveyConfig(**cfg)
         self.sim = VirtualSurvey(self.config)
         self._images: OrderedDict[int, tuple[fits.Header, np.ndarray]] = OrderedDict()
+        # the loopback emulator serves requests from threads: one render at a time
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_images"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, **knobs: object) -> SimArchive:
@@ -111,18 +124,24 @@ class SimArchive(Archive):
         return fitsio.exposure_header(self._exposure(exposure_id), seed=self.config.seed)
 
     def image(self, exposure_id: int) -> tuple[fits.Header, np.ndarray]:
-        """(header, float32 ADU image) of one exposure; deterministic, LRU-cached."""
+        """(header, float32 ADU image) of one exposure; deterministic, LRU-cached.
+
+        The image array is shared with the cache and read-only; the header is a copy.
+        Thread-safe (renders are serialised).
+        """
         key = int(exposure_id)
-        if key in self._images:
-            self._images.move_to_end(key)
-            return self._images[key]
-        header = self.header(key)
-        data, _ = self.sim.image(key)
-        data.flags.writeable = False
-        self._images[key] = (header, data)
-        while len(self._images) > self.cache_size:
-            self._images.popitem(last=False)
-        return header, data
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                header, data = self._images[key]
+                return header.copy(), data
+            header = self.header(key)
+            data, _ = self.sim.image(key)
+            data.flags.writeable = False
+            self._images[key] = (header, data)
+            while len(self._images) > self.cache_size:
+                self._images.popitem(last=False)
+            return header.copy(), data
 
     def image_fits(self, exposure_id: int) -> bytes:
         """The full science image as FITS bytes."""

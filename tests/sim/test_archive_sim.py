@@ -349,3 +349,19 @@ def test_variables_and_transient_follow_their_lightcurves_in_the_truth():
     assert transient_mags, "the transient never landed on an exposure"
     zr = sorted((m, mag) for m, f, mag in transient_mags if f == transient_mags[0][1])
     assert all(b[1] > a_[1] for a_, b in itertools.pairwise(zr))  # fading
+
+
+def test_concurrent_image_requests_render_identically():
+    # the loopback emulator calls the archive from server threads
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = SimArchive.from_config(**KNOBS)
+    ids = a.exposures()["exposure_id"].to_pylist()[:5]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda e: (e, a.image(e)[1].copy()), ids * 3))
+    fresh = SimArchive.from_config(**KNOBS)
+    for eid, data in results:
+        np.testing.assert_array_equal(data, fresh.image(eid)[1])
+    clone = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(clone.image(ids[0])[1], fresh.image(ids[0])[1])
