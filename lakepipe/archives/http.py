@@ -498,12 +498,20 @@ class HttpClient:
 
         An existing ``dest`` is trusted (it was checked before its rename) and nothing
         is fetched. The ``.part`` file survives failures so the next call resumes it.
+        A lock file serialises threads and processes downloading the same ``dest``.
         """
         dest = Path(dest)
         if dest.exists():
             self.stats.add(cache_hits=1)
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(dest.with_name(dest.name + ".lock")):
+            if dest.exists():  # another worker finished it while we waited
+                self.stats.add(cache_hits=1)
+                return dest
+            return self._download(url, dest, params, check)
+
+    def _download(self, url: str, dest: Path, params: Params, check: BodyCheck | None) -> Path:
         part = dest.with_name(dest.name + ".part")
         shown = redact(full_url(url, params))
 
@@ -728,6 +736,27 @@ class HttpClient:
         }
         _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
         _write_atomic(path, result.content)
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` across threads (a lock per path) and processes (flock)."""
+    with _THREAD_LOCKS_GUARD:
+        tlock = _THREAD_LOCKS.setdefault(str(path), threading.Lock())
+    with tlock:
+        if fcntl is None:  # pragma: no cover - Windows: threads only
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -455,3 +455,18 @@ def test_fetch_uses_download_cache(server, session, tmp_path) -> None:
     b = client.fetch(url + "/fits", {"center": "1,2"}, check=check_fits)
     assert a == b == FITS and len(state.log) == 1
     assert isinstance(next((tmp_path / "files").rglob("*")), Path)
+
+
+def test_concurrent_downloads_of_one_file_fetch_once(server, session, tmp_path) -> None:
+    url, state = server
+    state.delay_s = 0.05
+    client = HttpClient(fast(), session=session)
+    dest = tmp_path / "one.bin"
+    threads = [
+        threading.Thread(target=client.download, args=(url + "/range", dest)) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dest.read_bytes() == BIG and len(state.log) == 1  # one fetch, three waited
