@@ -96,8 +96,11 @@ def chord_radius(radius_arcsec: float) -> float:
 
 def _finite_sorted_by_dec(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     """Indices of rows with finite coordinates, sorted by declination."""
-    ok = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
-    return ok[np.argsort(dec[ok], kind="stable")]
+    finite = np.isfinite(ra) & np.isfinite(dec)
+    if finite.all():
+        return np.argsort(dec)  # ties need no order: results are re-sorted by row
+    ok = np.flatnonzero(finite)
+    return ok[np.argsort(dec[ok])]
 
 
 def crossmatch(
@@ -160,7 +163,7 @@ def crossmatch(
         hi = int(np.searchsorted(d2, d1[b - 1] + radius_deg, side="right"))
         if hi <= lo:
             return None
-        q = a + np.argsort(r1[a:b], kind="stable")  # RA order inside the band: cache locality
+        q = a + np.argsort(r1[a:b])  # RA order inside the band: cache locality
         x1 = unit_vectors(r1[q], d1[q])
         tree = cKDTree(
             unit_vectors(r2[lo:hi], d2[lo:hi]),
