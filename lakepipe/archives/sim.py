@@ -77,6 +77,19 @@ class SimArchive(Archive):
         """Convenience constructor: ``SimArchive.from_config(seed=3, naxis1=512)``."""
         return cls(cls.Params(**knobs))
 
+    def warm_up(self) -> SimArchive:
+        """Compute the per-process caches (catalog, schedule, asteroid ephemerides) now.
+
+        The first image otherwise pays for them (seconds: the asteroids' N-body
+        ephemerides and astropy's first read of its IERS table); servers call this
+        before accepting requests. Returns ``self``.
+        """
+        self._all_exposures()
+        _ = self.sim.sky.objects, self.sim.sky.variables
+        if self.config.n_asteroids:
+            self.sim.asteroids.track(self.sim.survey.exposures[0])
+        return self
+
     # -- exposures ----------------------------------------------------------------------
 
     def _all_exposures(self) -> pa.Table:

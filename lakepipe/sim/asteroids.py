@@ -60,18 +60,22 @@ class Asteroids:
         w, h = self.survey.footprint_deg
         gm = kepler.gm_sun()
         n_ecl = kepler.ecliptic_to_equatorial(np.array([0.0, 0.0, 1.0]))
-        states, epochs_mjd, v_target = [], [], []
+        # t_i: the mid-time of the field's exposure nearest the (i+1)/(n+1) point of the
+        # survey span, so every asteroid is on at least that exposure
+        epochs_mjd = []
         for i in range(self.n):
-            # t_i: the mid-time of the field's exposure nearest the (i+1)/(n+1) point of
-            # the survey span, so every asteroid is on at least that exposure
             fld = self.survey.fields[i % len(self.survey.fields)]
             t_goal = t_first + (t_last - t_first) * (i + 1) / (self.n + 1)
             t_i = min((e.mjd for e in exps if e.field == fld.field), key=lambda m: abs(m - t_goal))
+            epochs_mjd.append(t_i)
+        observers = observer_state("I41", np.array(epochs_mjd))[0] if self.n else np.empty((0, 3))
+        states, v_target, v0 = [], [], []
+        for i in range(self.n):
+            fld = self.survey.fields[i % len(self.survey.fields)]
             dec = fld.dec + rng.uniform(-0.3, 0.3) * h
             ra = fld.ra + rng.uniform(-0.3, 0.3) * w / math.cos(math.radians(dec))
             r_helio = rng.uniform(2.2, 3.2)
-            obs, _ = observer_state("I41", np.array([t_i]))
-            o = obs[0]
+            o = observers[i]
             u = _unit(ra % 360.0, dec)
             # |o + Δ u| = r  →  Δ = -o·u + sqrt((o·u)² - |o|² + r²)
             ou = float(np.dot(o, u))
@@ -87,21 +91,15 @@ class Asteroids:
             # a small radial component so the epoch is not an apsis
             vel = speed * (vdir + rng.normal(0.0, 0.05) * rhat)
             states.append(np.concatenate([pos, vel]))
-            epochs_mjd.append(t_i)
             v_target.append(rng.uniform(18.0, 19.2))
+            # V for H = 0 from the geometry at t_i (light time is irrelevant for a target)
+            phase = math.degrees(math.acos(float(np.dot(pos, pos - o)) / (r_helio * delta)))
+            v0.append(float(observe.predicted_v_mag(0.0, SLOPE_G, r_helio, delta, phase)))
         states_arr = np.array(states).reshape(self.n, 6)
         jd1, jd2 = utc_to_tdb_jd(np.array(epochs_mjd))
         epoch_jd = jd1 + jd2
-        # H from the target V at t_i: V is linear in H (V = H + 5 log10(r Δ) - 2.5 log10 Φ)
-        hmag = np.empty(self.n)
-        for i in range(self.n):
-            eph = observe.ephemeris(
-                states_arr[i : i + 1], float(epoch_jd[i]), np.array([epochs_mjd[i]])
-            )
-            v0 = observe.predicted_v_mag(
-                0.0, SLOPE_G, eph["r_au"], eph["delta_au"], eph["phase_deg"]
-            )
-            hmag[i] = v_target[i] - float(np.asarray(v0).ravel()[0])
+        # V is linear in H (V = H + 5 log10(r Δ) - 2.5 log10 Φ): H from the target V at t_i
+        hmag = np.array(v_target) - np.array(v0)
         numbers = np.arange(ASTEROID_NUMBER_BASE, ASTEROID_NUMBER_BASE + self.n, dtype=np.int64)
         return {
             "number": numbers,
