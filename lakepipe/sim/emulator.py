@@ -39,7 +39,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -385,6 +385,15 @@ class ArchiveEmulator(ThreadingHTTPServer):
     def record(self, entry: LogEntry) -> None:
         with self._log_lock:
             self.log.append(entry)
+        log.info(
+            "%s %s%s -> %d (%d bytes)%s",
+            entry.method,
+            entry.path,
+            f"?{entry.query}" if entry.query else "",
+            entry.status,
+            entry.bytes,
+            f" [fault: {entry.fault}]" if entry.fault else "",
+        )
 
     def requests_per_window(self, window_s: float = 1.0, path_prefix: str = "") -> int:
         """Most requests that arrived within any ``window_s`` (for rate-limit checks)."""
@@ -718,16 +727,25 @@ def serve(
     port: int = 8765,
     faults: Faults | None = None,
     *,
-    ready: threading.Event | None = None,
-) -> None:
-    """Run the emulator in the foreground until interrupted (``lakepipe sim serve``)."""
-    emu = ArchiveEmulator(archive, host, port, faults)
+    ready: Callable[[ArchiveEmulator], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[LogEntry]:
+    """Run the emulator in the foreground (``lakepipe sim serve``) until Ctrl-C or ``stop``.
+
+    ``ready`` is called with the running server (its ``url`` has the bound port, useful
+    with ``port=0``). Each request is logged at INFO on ``lakepipe.sim.emulator``.
+    Returns the request log.
+    """
+    emu = ArchiveEmulator(archive, host, port, faults).start()
     log.info("archive emulator listening on %s", emu.url)
     if ready is not None:
-        ready.set()
+        ready(emu)
     try:
-        emu.serve_forever(poll_interval=0.1)
+        while not (stop is not None and stop.wait(0.1)):
+            if stop is None:
+                time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     finally:
-        emu.server_close()
+        emu.stop()
+    return emu.log

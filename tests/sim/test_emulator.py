@@ -32,7 +32,7 @@ SEARCH = "/ibe/search/ztf/products/sci"
 
 def small_sim() -> SimArchive:
     """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render."""
-    return SimArchive.from_config(
+    sim = SimArchive.from_config(
         naxis1=256,
         naxis2=256,
         n_nights=2,
@@ -42,6 +42,10 @@ def small_sim() -> SimArchive:
         n_stars=3000,
         defects=False,
     )
+    # render once up front: the first image of a process pays one-off setup (Earth
+    # orientation tables) that must not eat into the HTTP timeouts of the tests
+    sim.image(sim.exposures(ExposureQuery()).column("exposure_id")[0].as_py())
+    return sim
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -63,7 +67,7 @@ def _csv_rows(text: str) -> list[dict]:
 
 
 def test_ibe_search_real_columns_and_where(emu, survey) -> None:
-    r = requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=5)
+    r = requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=30)
     assert r.status_code == 200
     header = r.text.splitlines()[0].split(",")
     assert tuple(header) == IBE_SCI_COLUMNS
@@ -78,7 +82,7 @@ def test_ibe_search_real_columns_and_where(emu, survey) -> None:
     r = requests.get(
         emu.url + SEARCH,
         params={"ct": "csv", "WHERE": "filtercode IN ('zg') AND obsjd < 2460677.5"},
-        timeout=5,
+        timeout=30,
     )
     got = sorted(int(x["pid"]) for x in _csv_rows(r.text))
     # JD 2460677.5 = 2025-01-02 00:00 UTC: the first night's g-band exposures
@@ -95,7 +99,7 @@ def test_ibe_pos_size_overlaps(emu, survey) -> None:
     r = requests.get(
         emu.url + SEARCH,
         params={"POS": "150.0,2.2", "SIZE": "0.003", "INTERSECT": "OVERLAPS", "ct": "csv"},
-        timeout=5,
+        timeout=30,
     )
     rows = _csv_rows(r.text)
     truth = survey.exposures(ExposureQuery(ra=150.0, dec=2.2, radius_deg=0.0015))
@@ -107,37 +111,37 @@ def test_ibe_pos_size_overlaps(emu, survey) -> None:
 
 
 def test_bad_where_is_400(emu) -> None:
-    r = requests.get(emu.url + SEARCH, params={"WHERE": "nonsense ((", "ct": "csv"}, timeout=5)
+    r = requests.get(emu.url + SEARCH, params={"WHERE": "nonsense ((", "ct": "csv"}, timeout=30)
     assert r.status_code == 400
 
 
 def test_product_full_image_and_range(emu, survey) -> None:
-    meta = _csv_rows(requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=5).text)
+    meta = _csv_rows(requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=30).text)
     row = meta[0]
     path = product_path(row)
     assert path.startswith(f"/ibe/data/ztf/products/sci/{row['filefracday'][:4]}/")
-    r = requests.get(emu.url + path, timeout=5)
+    r = requests.get(emu.url + path, timeout=30)
     assert r.status_code == 200
     assert r.content == survey.image_fits(int(row["pid"]))  # truth: the sim's bytes
-    part = requests.get(emu.url + path, headers={"Range": "bytes=100-2979"}, timeout=5)
+    part = requests.get(emu.url + path, headers={"Range": "bytes=100-2979"}, timeout=30)
     assert part.status_code == 206 and part.content == r.content[100:2980]
     assert part.headers["Content-Range"] == f"bytes 100-2979/{len(r.content)}"
-    assert requests.get(emu.url + path.replace("_q", "_qq"), timeout=5).status_code == 404
+    assert requests.get(emu.url + path.replace("_q", "_qq"), timeout=30).status_code == 404
 
 
 def test_cutout_same_pixels_and_off_image(emu, survey) -> None:
-    row = _csv_rows(requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=5).text)[0]
+    row = _csv_rows(requests.get(emu.url + SEARCH, params={"ct": "csv"}, timeout=30).text)[0]
     path = product_path(row)
     eid = int(row["pid"])
     ra, dec = float(row["ra"]), float(row["dec"])
     params = {"center": f"{ra},{dec}", "size": "20arcsec", "gzip": "false"}
-    r = requests.get(emu.url + path, params=params, timeout=5)
+    r = requests.get(emu.url + path, params=params, timeout=30)
     assert r.status_code == 200
     with fits.open(io.BytesIO(r.content)) as hdul:
         got = hdul[0].data
     _, want, status = survey.cutout(eid, ra, dec, 20.0)
     assert status == "ok" and np.array_equal(got, want)  # truth: the sim's pixels
-    off = requests.get(emu.url + path, params={**params, "center": "160,10"}, timeout=5)
+    off = requests.get(emu.url + path, params={**params, "center": "160,10"}, timeout=30)
     assert off.status_code == 400  # IBE: cutout does not intersect the image
 
 
@@ -155,7 +159,7 @@ def test_vizier_cone_and_overflow(emu, survey) -> None:
         "-out": "Source,RA_ICRS,DE_ICRS,pmRA,pmDE,Gmag,BP-RP,_r",
         "-out.max": "1000",
     }
-    r = requests.get(emu.url + "/viz-bin/asu-tsv", params=params, timeout=5)
+    r = requests.get(emu.url + "/viz-bin/asu-tsv", params=params, timeout=30)
     lines = [ln for ln in r.text.splitlines() if ln and not ln.startswith("#")]
     names = lines[0].split("\t")
     assert names == ["Source", "RA_ICRS", "DE_ICRS", "pmRA", "pmDE", "Gmag", "BP-RP", "_r"]
@@ -189,7 +193,7 @@ def test_xmatch_sync(emu, survey) -> None:
             "cat2": "vizier:I/355/gaiadr3",
         },
         files={"cat1": ("cat1.csv", up.encode(), "text/csv")},
-        timeout=10,
+        timeout=30,
     )
     assert r.status_code == 200
     rows = _csv_rows(r.text)
@@ -210,7 +214,7 @@ def test_faults_are_seeded_and_logged(survey) -> None:
     for _ in range(2):
         with ArchiveEmulator(survey, faults=faults) as e:
             for _ in range(20):
-                requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=5)
+                requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=30)
             statuses.append([x.status for x in e.log])
             r503 = next(x for x in e.log if x.status == 503)
             assert r503.fault == "status" and r503.path == SEARCH
@@ -229,7 +233,7 @@ def test_faults_are_seeded_and_logged(survey) -> None:
 
 def test_429_retry_after_and_rate_cap(survey) -> None:
     with ArchiveEmulator(survey, faults=Faults(max_rate_per_s=3, retry_after_s=7)) as e:
-        got = [requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=5) for _ in range(6)]
+        got = [requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=30) for _ in range(6)]
         assert [g.status_code for g in got][:4] == [200] * 4
         limited = [g for g in got if g.status_code == 429]
         assert limited and limited[0].headers["Retry-After"] == "7"
@@ -245,7 +249,7 @@ def test_drop_truncate_corrupt(survey) -> None:
     ):
         with ArchiveEmulator(survey, faults=faults) as e:
             if meta_path is None:
-                text = requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=5)
+                text = requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=30)
                 meta_path = product_path(_csv_rows(text.text)[0]) if text.ok else None
             full = (
                 survey.image_fits(int(meta_path.split("_c0")[0][-1:] or 0) or 0) if False else None
@@ -253,9 +257,9 @@ def test_drop_truncate_corrupt(survey) -> None:
             del full
             if check == "drop":
                 with pytest.raises(requests.exceptions.ChunkedEncodingError):
-                    requests.get(e.url + meta_path, timeout=5).content  # noqa: B018
+                    requests.get(e.url + meta_path, timeout=30).content  # noqa: B018
             else:
-                r = requests.get(e.url + meta_path, timeout=5)
+                r = requests.get(e.url + meta_path, timeout=30)
                 assert r.status_code == 200
                 if check == "truncate":
                     assert len(r.content) % 2880 == 0
@@ -268,5 +272,29 @@ def test_drop_truncate_corrupt(survey) -> None:
 def test_latency(survey) -> None:
     with ArchiveEmulator(survey, faults=Faults(latency_s=0.2)) as e:
         t0 = time.perf_counter()
-        requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=5)
+        requests.get(e.url + SEARCH, params={"ct": "csv"}, timeout=30)
         assert time.perf_counter() - t0 >= 0.2
+
+
+def test_serve_runs_until_stopped(survey) -> None:
+    import threading
+
+    from lakepipe.sim.emulator import serve
+
+    stop, started = threading.Event(), []
+    thread = threading.Thread(
+        target=serve,
+        args=(survey, "127.0.0.1", 0, Faults()),
+        kwargs={"ready": started.append, "stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    for _ in range(100):
+        if started:
+            break
+        time.sleep(0.02)
+    r = requests.get(started[0].url + SEARCH, params={"ct": "csv", "WHERE": "1=0"}, timeout=30)
+    assert r.status_code == 200 and r.text.strip() == ",".join(IBE_SCI_COLUMNS)
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and [e.status for e in started[0].log] == [200]
