@@ -112,7 +112,12 @@ class DetectParams(_Model):
         description="σ of the threshold: the global background rms (SExtractor without "
         "weight maps; fast) or the rms map per pixel ('local'; ~3× slower in sep)",
     )
-    minarea: int = Field(5, ge=1, description="Minimum pixels above threshold [DETECT_MINAREA]")
+    minarea: int = Field(
+        3,
+        ge=1,
+        description="Minimum pixels above threshold [DETECT_MINAREA]; 3 rather than "
+        "SExtractor's 5 so that faint stars in undersampled images (FWHM < 2 px) pass",
+    )
     deblend_nthresh: int = Field(32, ge=1, description="Deblending levels [DEBLEND_NTHRESH]")
     deblend_cont: float = Field(
         0.005, ge=0, le=1, description="Minimum contrast [DEBLEND_MINCONT]; 1 disables"
@@ -456,17 +461,42 @@ def detect(
 # -- seeing ------------------------------------------------------------------------------
 
 
-def _moffat_pixels(p: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+def _moffat_pixels(
+    p: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, jac: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Circular Moffat (Moffat 1969, A&A 3, 455) averaged over sub-pixel samples.
 
-    I(r) = A (1 + r²/α²)^-β + c with α = FWHM / (2 sqrt(2^(1/β) - 1)), parametrised by
+    I(r) = A (1 + r²/α²)^-β + c with α² = FWHM² / (4 (2^(1/β) - 1)), parametrised by
     (A, x0, y0, FWHM, u = 1/β, c) so that u → 0 is the Gaussian limit and the FWHM stays
     put while the wings are fitted. ``xs``/``ys`` hold the sub-pixel samples on axis 0.
+    With ``jac`` also the analytic Jacobian (pixels × 6).
     """
     amp, x0, y0, fwhm, u, c = p
-    alpha2 = fwhm**2 / (4.0 * (2.0**u - 1.0))
-    r2 = (xs - x0) ** 2 + (ys - y0) ** 2
-    return amp * ((1.0 + r2 / alpha2) ** (-1.0 / u)).mean(axis=0) + c
+    e = 2.0**u - 1.0
+    alpha2 = fwhm**2 / (4.0 * e)
+    dx, dy = xs - x0, ys - y0
+    r2 = dx**2 + dy**2
+    q = 1.0 + r2 / alpha2
+    m = q ** (-1.0 / u)
+    model = amp * m.mean(axis=0) + c
+    if not jac:
+        return model
+    dm_dq = -m / (u * q)  # ∂M/∂q
+    dm_dx0 = dm_dq * (-2.0 * dx / alpha2)
+    dm_dy0 = dm_dq * (-2.0 * dy / alpha2)
+    dm_dalpha2 = dm_dq * (-r2 / alpha2**2)
+    dalpha2_dfwhm = 2.0 * alpha2 / fwhm
+    dalpha2_du = -alpha2 * (2.0**u) * math.log(2.0) / e
+    dm_du = m * np.log(q) / u**2 + dm_dalpha2 * dalpha2_du
+    cols = [
+        m.mean(axis=0),
+        amp * dm_dx0.mean(axis=0),
+        amp * dm_dy0.mean(axis=0),
+        amp * (dm_dalpha2 * dalpha2_dfwhm).mean(axis=0),
+        amp * dm_du.mean(axis=0),
+        np.ones(model.shape),
+    ]
+    return model, np.stack([col.ravel() for col in cols], axis=1)
 
 
 def moffat_fwhm(alpha: float, beta: float) -> float:
@@ -491,9 +521,19 @@ def fit_fwhm(stamp: np.ndarray, x0: float, y0: float, fwhm_guess: float) -> floa
     def resid(p: np.ndarray) -> np.ndarray:
         return (_moffat_pixels(p, xs, ys) - stamp).ravel()
 
+    def jac(p: np.ndarray) -> np.ndarray:
+        return _moffat_pixels(p, xs, ys, jac=True)[1]
+
     try:
         res = optimize.least_squares(
-            resid, p0, bounds=(lo, hi), x_scale="jac", max_nfev=60, xtol=1e-5, ftol=1e-6
+            resid,
+            p0,
+            jac=jac,
+            bounds=(lo, hi),
+            x_scale="jac",
+            max_nfev=60,
+            xtol=1e-5,
+            ftol=1e-6,
         )
     except (ValueError, np.linalg.LinAlgError):
         return float("nan")
@@ -848,10 +888,16 @@ def source_mask_from_segmap(
 
 
 def _grow(mask: np.ndarray, radius_pix: float) -> np.ndarray:
-    """Pixels within ``radius_pix`` of a True pixel (a disk dilation, by distance map)."""
-    if radius_pix <= 0 or not mask.any():
+    """Pixels within ``radius_pix`` of a True pixel, conservatively: a square of half-side
+    ceil(radius) (contains the disk), by two running maxima — O(N), ~100× faster than a
+    disk-shaped binary dilation on a full exposure."""
+    n = math.ceil(radius_pix)
+    if n <= 0 or not mask.any():
         return mask.copy()
-    return ndimage.distance_transform_edt(~mask) <= radius_pix
+    m = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    m = ndimage.maximum_filter1d(m, 2 * n + 1, axis=0)
+    m = ndimage.maximum_filter1d(m, 2 * n + 1, axis=1)
+    return m.astype(bool)
 
 
 # -- the whole image ---------------------------------------------------------------------
