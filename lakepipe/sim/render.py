@@ -113,20 +113,23 @@ def add_noise(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Observed image (float32, ADU): sky + model with photon and read noise."""
-    lam = model_adu.astype(np.float32)
-    lam += np.float32(sky_adu)
-    lam *= np.float32(gain_e_per_adu)  # expected electrons
+    g = np.float32(gain_e_per_adu)
+    lam = np.empty(model_adu.shape, dtype=np.float32)
+    np.multiply(model_adu, g, out=lam, casting="unsafe")
+    lam += np.float32(sky_adu) * g  # expected electrons
     z = rng.standard_normal(lam.shape, dtype=np.float32)
-    img = np.sqrt(lam + np.float32(rdnoise_e**2))
+    img = np.add(lam, np.float32(rdnoise_e**2))
+    np.sqrt(img, out=img)
     img *= z
+    del z
     img += lam
-    low = lam < POISSON_EXACT_BELOW_E
-    if low.any():
+    if lam.min() < POISSON_EXACT_BELOW_E:
+        low = lam < POISSON_EXACT_BELOW_E
         lam_low = lam[low].astype(np.float64)
         img[low] = rng.poisson(np.maximum(lam_low, 0.0)) + rdnoise_e * rng.standard_normal(
             lam_low.size
         )
-    img /= np.float32(gain_e_per_adu)
+    img /= g
     return img
 
 
