@@ -7,6 +7,7 @@ rendered, in full-image pixels.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -400,7 +401,7 @@ def test_demo_pipeline_runs_and_passes_its_diagnostics(cli, tmp_path):
         "select status, count(*) as n from cutouts group by 1 order by 1",
     )
     assert r.exit_code == 0
-    counts = {row["status"]: row["n"] for row in __import__("json").loads(r.stdout)}
+    counts = {row["status"]: row["n"] for row in json.loads(r.stdout)}
     # the cone centre lies on one of the 2x2 fields: 3 visits x 3 nights on it (at 512 px
     # the 300" square crosses that field's edge); the two neighbours the 0.1 deg cone
     # overlaps are imaged off-chip

@@ -151,3 +151,51 @@ def test_where_block_selects_and_max_rows_spans_nights(tmp_path):
     assert [(u["image_uri"].rsplit("/", 1)[1], u["night"]) for u in t] == [
         ("b.fits[1]", "2025-01-03")
     ]
+
+
+def test_sim_footprint_sql_finds_the_exposures_that_rendered_a_star(tmp_path):
+    """Truth: the virtual survey's per-exposure list of rendered stars (pixel positions).
+
+    The sim's WCS is pure TAN, whose straight pixel edges are great circles on the sky,
+    so the corner quadrilateral is exactly the pixel-centre box [0, N-1]²."""
+    from lakepipe.archives.sim import SimArchive
+
+    sim = {"seed": 5, "n_fields": 4, "n_nights": 2, "visits_per_night": 1, "naxis1": 256,
+           "naxis2": 256, "n_stars": 200, "n_asteroids": 0, "filters": ["zg"]}  # fmt: skip
+    spec = tmp_path / "sim.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "sim_exp",
+                "lake": str(tmp_path / "lake"),
+                "archive": {"kind": "sim", **sim},
+                "stages": {"exposures": {"kind": "exposures"}},
+            }
+        )
+    )
+    lake = Lake(run_pipeline(spec, workers=1).lake)
+    archive = SimArchive.from_config(**sim)
+    exposures = lake.reader().read("exposures").to_pylist()
+    assert len(exposures) == 8
+    where_rendered: dict[int, set[int]] = {}
+    position: dict[int, tuple[float, float]] = {}
+    for e in exposures:
+        for t in archive.truth(e["exposure_id"]).to_pylist():
+            if t["kind"] != "star":
+                continue
+            inside = 0 <= t["x_pix"] <= e["naxis1"] - 1 and 0 <= t["y_pix"] <= e["naxis2"] - 1
+            if inside:
+                where_rendered.setdefault(t["object_id"], set()).add(e["exposure_id"])
+            position[t["object_id"]] = (t["ra"], t["dec"])
+    rng = np.random.default_rng(1)
+    ids = sorted(where_rendered)
+    picked = [ids[i] for i in rng.choice(len(ids), 12, replace=False)]
+    # stars in the field overlaps are seen by two fields on each night
+    picked += [i for i in ids if len(where_rendered[i]) == 4][:4]
+    assert len(picked) == 16
+    con = duckdb.connect()  # one connection over the committed table for 16 queries
+    con.register("exposures", lake.reader().read("exposures"))
+    for oid in picked:
+        ra, dec = position[oid]
+        sql = f"select exposure_id from exposures where {footprint_contains_sql(ra, dec)}"
+        assert {v[0] for v in con.execute(sql).fetchall()} == where_rendered[oid], oid
