@@ -322,7 +322,11 @@ class ArchiveEmulator(ThreadingHTTPServer):
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> ArchiveEmulator:
-        """Serve in a daemon thread."""
+        """Warm the archive's caches, then serve in a daemon thread."""
+        warm_up = getattr(self.archive, "warm_up", None)
+        if callable(warm_up):
+            warm_up()  # one-off costs must not land inside clients' read timeouts
+        self.metadata()
         self._thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
