@@ -44,8 +44,26 @@ CUTOUT_STATUSES = ("ok", "partial", "off_chip")
 class SimArchive(Archive):
     """Seeded virtual ZTF-like survey (the offline default archive).
 
-    Every knob of the survey is a parameter; everything is a deterministic function of
-    them. Example: ``archive: {kind: sim, seed: 7, naxis1: 1024, naxis2: 1024}``.
+    A grid of ``n_fields`` CCD-quadrant fields (``naxis1`` × ``naxis2`` pixels at
+    ``pixscale_arcsec``) around (``ra``, ``dec``), visited ``visits_per_night`` times a
+    night for ``n_nights`` nights from ``start``, cycling through ``filters``. Per
+    exposure: MJD (UTC, mid-exposure), airmass from the true altitude at Palomar, seeing,
+    sky, zeropoint and 5σ depth, a jittered TAN WCS. Sky: a Gaia-like catalog of
+    ``n_stars`` per field area between ``mag_bright`` and ``mag_faint`` (G), with
+    ``n_variables`` periodic variables, ``n_vanished`` catalog stars never rendered,
+    ``n_appeared`` rendered sources not in the catalog, one fading ``transient`` and
+    ``n_asteroids`` asteroids (N-body with DE421, seen from I41, trailed). Detector:
+    Gaussian PSF, Poisson and read noise via ``gain_e_per_adu``/``rdnoise_e``, saturation
+    at ``saturate_adu``, and with ``defects`` cosmic rays, hot pixels and a dead column.
+
+    Everything is a deterministic function of the parameters (same seed, same bytes).
+    The truth is available per exposure (:meth:`truth`), per night as lake-shaped
+    ``truth_objects``/``truth_asteroids`` tables (:meth:`truth_tables`), for the static
+    sky (:meth:`sky_truth`) and as a folder of Parquet files (:meth:`write_truth`).
+
+    Example::
+
+        archive: {kind: sim, seed: 7, n_fields: 4, n_nights: 3, naxis1: 1024, naxis2: 1024}
     """
 
     class Params(SurveyConfig, ArchiveParams):
