@@ -210,3 +210,9 @@ def test_asteroid_truth_tables_conform():
     hp = healpix_index(pos["ra"].to_numpy(), pos["dec"].to_numpy())
     out = get_contract("truth_asteroids").conform(pos.append_column("_healpix_29", pa.array(hp)))
     assert out.num_rows == 3 * len([e for e in a.sim.survey.exposures if e.night == night])
+
+
+def test_images_with_asteroids_are_byte_identical_for_a_seed():
+    exp, _ = _asteroid_rows()[0]
+    fresh = SimArchive.from_config(**KNOBS)
+    assert fresh.image_fits(exp.exposure_id) == archive().image_fits(exp.exposure_id)
