@@ -276,3 +276,54 @@ def cone_cover(ras: Sequence[float], decs: Sequence[float], pad_arcsec: float) -
     c += np.sin(dec) * math.sin(math.radians(dec0))
     radius = math.degrees(float(np.arccos(np.clip(c, -1, 1)).max())) * 3600.0 + pad_arcsec
     return ra0, dec0, radius
+
+
+class CdsCatalog:
+    """A reference catalog read from VizieR by cone, in :mod:`lakepipe.catalogs`' shape.
+
+    ``read(cones, epoch_mjd)`` returns the reference table (``ref_id, ra, dec, pmra,
+    pmdec, epoch_jyear, mag_<band>...``) that file and HATS catalogs return, so the
+    crossmatch and calibration stages can use ``I/355/gaiadr3`` directly. Cones are
+    widened by the largest proper motion over the epoch difference, queried one by one
+    (each answer checked for truncation) and de-duplicated by ``source_id``.
+    """
+
+    def __init__(
+        self,
+        params: CdsParams | None = None,
+        columns: object | None = None,
+        *,
+        max_pm_mas_yr: float = 10500.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        from lakepipe.catalogs.base import ColumnMap, ReadStats
+
+        self.client = CdsClient(params, session=session)
+        self.columns = columns or ColumnMap(
+            ra="ra",
+            dec="dec",
+            id="source_id",
+            mags={"G": "phot_g_mean_mag"},
+            pmra="pmra",
+            pmdec="pmdec",
+            epoch=VIZIER_EPOCH_JYEAR.get(self.client.params.table),
+        )
+        self.max_pm_mas_yr = max_pm_mas_yr
+        self.stats = ReadStats()
+
+    def read(self, cones: list, epoch_mjd: float | None = None) -> pa.Table:
+        """Reference rows inside the union of ``cones`` at ``epoch_mjd`` (MJD UTC)."""
+        from lakepipe.catalogs.base import ReadStats, reference_schema, to_reference, widen
+
+        self.stats = ReadStats()
+        if not cones:
+            return reference_schema(self.columns).empty_table()
+        epoch = self.columns.epoch if isinstance(self.columns.epoch, int | float) else None
+        wide = widen(cones, self.columns, self.max_pm_mas_yr, epoch_mjd, epoch)
+        parts = [self.client.cone(c.ra, c.dec, c.radius_deg * 3600.0) for c in wide]
+        raw = pa.concat_tables(parts, promote_options="permissive")
+        if "source_id" in raw.column_names and raw.num_rows:
+            _, first = np.unique(raw.column("source_id").to_numpy(), return_index=True)
+            raw = raw.take(pa.array(np.sort(first)))
+        self.stats.rows_read = raw.num_rows
+        return to_reference(raw, self.columns, cones, epoch_mjd)
