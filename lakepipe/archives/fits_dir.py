@@ -1,30 +1,6 @@
 """``fits_dir``: a folder of FITS images from any telescope, served as an archive.
 
-Every 2-D image HDU with a celestial WCS in the files matching ``pattern`` under
-``path`` is one exposure (multi-extension files give one exposure per selected HDU;
-tile-compressed ``.fz`` images work too). Observation metadata comes from common header
-keywords, the extension's header first and then the primary header's; ``keywords``
-overrides the keyword names and ``defaults`` fills values no header has::
-
-    archive:
-      kind: fits_dir
-      path: data/night1           # relative to the spec file
-      pattern: "**/*.fits*"
-      hdu: all                    # or an index, a list of indices, or an EXTNAME
-      keywords: {time: UTSTART, time_refers_to: start, filter: FILTER2}
-      defaults: {filter: r, gain_e_per_adu: 1.6}
-
-Time (converted to MJD UTC at mid-exposure), in order of preference (FITS Standard
-4.0 §9.4; Rots et al. 2015, A&A 574, A36): ``MJD-AVG``/``DATE-AVG`` (mid-exposure, used
-as is); ``MJD-BEG``/``DATE-BEG``, ``MJD-OBS``, ``DATE-OBS`` (with ``TIME-OBS``/``UT``/
-``UTSTART`` when DATE-OBS holds only a date), ``JD``, ``EXPSTART`` — all the start of
-the exposure, so half of ``EXPTIME`` is added; ``MJD-END``/``DATE-END`` (the end, so
-half of EXPTIME is subtracted). ``TIMESYS`` (default UTC) gives the time scale.
-
-``exposure_id`` is the first 63 bits of SHA-256 of ``<path relative to the folder>:<hdu
-index>``, so it is stable as long as the folder layout is. Nights are UTC dates of the
-mid-exposure time, or with ``night_longitude_deg`` the UTC date at the start of the
-local night (local noon + 6 h), which keeps a whole night together at any site.
+See :class:`FitsDirArchive` (also ``lakepipe kinds fits_dir``).
 """
 
 from __future__ import annotations
@@ -177,7 +153,34 @@ def _merged_header(primary: fits.Header, ext: fits.Header) -> fits.Header:
 
 @register_archive("fits_dir")
 class FitsDirArchive(Archive):
-    """A folder of FITS images (any telescope with a celestial WCS) as an archive."""
+    """A folder of FITS images (any telescope with a celestial WCS) as an archive.
+
+    Every 2-D image HDU with a celestial WCS in the files matching ``pattern`` under
+    ``path`` is one exposure (multi-extension files give one exposure per selected HDU;
+    tile-compressed ``.fz`` images work too). Observation metadata comes from common header
+    keywords, the extension's header first and then the primary header's; ``keywords``
+    overrides the keyword names and ``defaults`` fills values no header has::
+
+        archive:
+          kind: fits_dir
+          path: data/night1           # relative to the spec file
+          pattern: "**/*.fits*"
+          hdu: all                    # or an index, a list of indices, or an EXTNAME
+          keywords: {time: UTSTART, time_refers_to: start, filter: FILTER2}
+          defaults: {filter: r, gain_e_per_adu: 1.6}
+
+    Time (converted to MJD UTC at mid-exposure), in order of preference (FITS Standard
+    4.0 §9.4; Rots et al. 2015, A&A 574, A36): ``MJD-AVG``/``DATE-AVG`` (mid-exposure, used
+    as is); ``MJD-BEG``/``DATE-BEG``, ``MJD-OBS``, ``DATE-OBS`` (with ``TIME-OBS``/``UT``/
+    ``UTSTART`` when DATE-OBS holds only a date), ``JD``, ``EXPSTART`` — all the start of
+    the exposure, so half of ``EXPTIME`` is added; ``MJD-END``/``DATE-END`` (the end, so
+    half of EXPTIME is subtracted). ``TIMESYS`` (default UTC) gives the time scale.
+
+    ``exposure_id`` is the first 63 bits of SHA-256 of ``<path relative to the folder>:<hdu
+    index>``, so it is stable as long as the folder layout is. Nights are UTC dates of the
+    mid-exposure time, or with ``night_longitude_deg`` the UTC date at the start of the
+    local night (local noon + 6 h), which keeps a whole night together at any site.
+    """
 
     class Params(ArchiveParams):
         path: str = Field(description="Folder of FITS files (relative to the spec file)")
