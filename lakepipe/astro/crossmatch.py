@@ -9,8 +9,8 @@ RA = 0/360 without special cases.
 For speed and memory on 10⁶ × 10⁶ inputs both sets are sorted by declination and cut
 into bands of ``band_rows`` left rows; each band builds a small tree from the right rows
 whose declination lies within the band ± the radius (every counterpart must, because
-``|Δdec| <= separation``). Small trees fit in cache, left rows are queried in RA order
-inside their band, and bands run in parallel threads (cKDTree releases the GIL). This is
+``|Δdec| <= separation``). Small trees fit in cache, both sides are ordered by small sky
+cells inside their band, and bands run in parallel threads (cKDTree releases the GIL). This is
 the spatially-bucketed KD-tree approach of LSDB's ``kdtree_match`` done per declination
 band instead of per HEALPix pixel.
 
@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 
 MatchMode = Literal["nearest", "all"]
 
-DEFAULT_BAND_ROWS = 32_768
+DEFAULT_BAND_ROWS = 16_384
 _CHORD_SLACK = 1.0 + 1e-9  # widen the chord a hair; exact radius is applied on the angle
 
 
@@ -163,10 +163,16 @@ def crossmatch(
         hi = int(np.searchsorted(d2, d1[b - 1] + radius_deg, side="right"))
         if hi <= lo:
             return None
-        q = a + np.argsort(r1[a:b])  # RA order inside the band: cache locality
+        # inside the band, both sides in cells about as wide as the band is tall (by Dec
+        # within a cell): neighbours in memory are neighbours on the sky (cache locality)
+        cell_deg = max(d1[b - 1] - d1[a], 1e-6) / max(
+            np.cos(np.radians(0.5 * (d1[a] + d1[b - 1]))), 1e-3
+        )
+        q = a + np.argsort(np.floor(r1[a:b] / cell_deg) * 1e3 + (d1[a:b] - d1[a]))
+        p = lo + np.argsort(np.floor(r2[lo:hi] / cell_deg) * 1e3 + (d2[lo:hi] - d1[a]))
         x1 = unit_vectors(r1[q], d1[q])
         tree = cKDTree(
-            unit_vectors(r2[lo:hi], d2[lo:hi]),
+            unit_vectors(r2[p], d2[p]),
             leafsize=16,
             balanced_tree=False,  # sliding midpoint: faster to build, as fast to query
             compact_nodes=False,
@@ -175,10 +181,10 @@ def crossmatch(
         if mode == "nearest":
             dist, j = tree.query(x1, k=1, distance_upper_bound=chord)
             hit = np.isfinite(dist)
-            return q[hit], lo + j[hit].astype(np.int64)
+            return q[hit], p[j[hit]]
         qtree = cKDTree(x1, leafsize=16, balanced_tree=False, compact_nodes=False, copy_data=False)
         pairs = qtree.sparse_distance_matrix(tree, chord, output_type="ndarray")
-        return q[pairs["i"]], lo + pairs["j"].astype(np.int64)
+        return q[pairs["i"]], p[pairs["j"]]
 
     nworkers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     if nworkers == 1 or len(edges) <= 2:
