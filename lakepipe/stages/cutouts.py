@@ -146,6 +146,24 @@ class CutoutsStage(Stage):
             return [Partition.of(night=n) for n in nights]
         return [Partition.of(reads={"exposures": [f"night={n}"]}, night=n) for n in nights]
 
+    def verify_partition(self, ctx: StageContext, partition: Partition) -> str | None:
+        """Why a committed night must be redone although its fingerprint is unchanged.
+
+        Returns a reason when a cutout file the night references is missing or fails its
+        checksum, else None. Meant for the runner to call on partitions it would skip
+        (the files live outside the fingerprinted tables); running the night then
+        refetches only those files.
+        """
+        rows = ctx.lake.read("cutouts", partitions=[partition.key], columns=["path", "sha256"])
+        bad = [
+            r["path"]
+            for r in rows.to_pylist()
+            if r["path"] and not ctx.files.verify(r["path"], r["sha256"] or "")
+        ]
+        if bad:
+            return f"{len(bad)} cutout file(s) missing or corrupt, e.g. {bad[0]}"
+        return None
+
     # -- targets --------------------------------------------------------------------------
 
     def requests(self, ctx: StageContext, exposures: pa.Table) -> list[Request]:

@@ -21,6 +21,7 @@ from astropy.io import fits
 from lakepipe.astro import wcs as wcsu
 from lakepipe.lake import Lake
 from lakepipe.runner import run_pipeline
+from lakepipe.stages.base import Partition, StageContext
 from lakepipe.stages.cutouts import CutoutsStage, _position_at, cutout_id_for
 from tests.data.fits_images import ImageSpec, Star, write_mef
 
@@ -181,6 +182,15 @@ def test_rerun_refetches_only_the_corrupt_file(ran):
     p = lake.files.abspath(victim["path"])
     p.write_bytes(p.read_bytes()[:1000])  # truncated
     assert not lake.files.verify(victim["path"], victim["sha256"])
+    # the check a runner can make before skipping a night (files are not fingerprinted)
+    from lakepipe.spec import load_spec
+
+    loaded = load_spec(spec)
+    stage = CutoutsStage("cutouts", loaded.model.stages["cutouts"])
+    ctx = StageContext("cutouts", lake=lake.reader(), files=lake.files)
+    reason = stage.verify_partition(ctx, Partition.of(night="2025-01-03"))
+    assert reason and victim["path"] in reason and reason.startswith("1 cutout file")
+    assert stage.verify_partition(ctx, Partition.of(night="2025-01-04")) is None
     r = run_pipeline(spec, workers=1, force=["cutouts"])
     assert r.exit_code == 0
     by = {s.name: s for s in r.stages}
