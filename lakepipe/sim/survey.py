@@ -12,7 +12,8 @@ filter cycling through ``filters``. Per exposure the conditions vary realistical
 - seeing FWHM lognormal about 2.0″ (median) scaled by airmass^0.6 (Kolmogorov);
 - moon-free sky brightness by filter, brightening with airmass, with night-to-night
   scatter (airglow);
-- zeropoint ``MAGZP = ZP0 - k (X - 1) - cloud`` with ZTF-typical ``ZP0`` for 30 s
+- zeropoint ``MAGZP = ZP0 + 2.5 log10(t/30 s) - k (X - 1) - cloud`` with ZTF-typical
+  ``ZP0`` for 30 s
   (~26.3 zg, 26.2 zr, 25.8 zi; Masci et al. 2019, PASP 131, 018003) and Palomar
   extinction coefficients ``k`` (~0.20 zg, 0.11 zr, 0.06 zi mag/airmass; cf. Ofek et al.
   2012, PASP 124, 62 for PTF at Palomar);
@@ -295,10 +296,16 @@ class Survey:
         seeing = c.seeing_median_arcsec * math.exp(rng.normal(0.0, 0.2)) * airmass**0.6
         seeing = float(np.clip(seeing, 1.0, 5.0))
         cloud = float(rng.exponential(0.03))
-        zp = ZP0_MAG[flt] - EXTINCTION_MAG_PER_AIRMASS[flt] * (airmass - 1.0) - cloud
+        # MAGZP is for the counts of the whole exposure: + 2.5 log10(t / 30 s)
+        zp = (
+            ZP0_MAG[flt]
+            + 2.5 * math.log10(c.exptime_s / 30.0)
+            - EXTINCTION_MAG_PER_AIRMASS[flt] * (airmass - 1.0)
+            - cloud
+        )
         # sky: zenith brightness, brighter by ~2.5 log10(X) towards the horizon, airglow scatter
         sky_mag = SKY_MAG_ARCSEC2[flt] - 2.5 * math.log10(airmass) + rng.normal(0.0, 0.15)
-        sky_adu = 10.0 ** (-0.4 * (sky_mag - zp)) * c.pixscale_arcsec**2 * (c.exptime_s / 30.0)
+        sky_adu = 10.0 ** (-0.4 * (sky_mag - zp)) * c.pixscale_arcsec**2
         fwhm_pix = seeing / c.pixscale_arcsec
         mag_lim = float(limiting_mag(zp, fwhm_pix, sky_adu, c.gain_e_per_adu, c.rdnoise_e))
         # pointing jitter (2" rms per axis) and rotation jitter (0.005 deg rms)

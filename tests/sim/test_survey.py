@@ -68,12 +68,16 @@ def test_schedule_is_deterministic_and_realistic():
     assert a.column("night").to_pylist()[0] == "2025-01-01"
 
 
-def test_zeropoint_and_depth_are_consistent():
+@pytest.mark.parametrize("exptime_s", [30.0, 120.0])
+def test_zeropoint_and_depth_are_consistent(exptime_s):
     # truth: MAGZP = ZP0 - k (X - 1) - cloud with cloud >= 0; mag_lim recomputed from the
     # table's own sky, seeing, zeropoint, gain and read noise
-    t = Survey(SurveyConfig(**SMALL)).exposure_table().to_pylist()
+    t = Survey(SurveyConfig(**SMALL, exptime_s=exptime_s)).exposure_table().to_pylist()
     for r in t:
-        clear = ZP0_MAG[r["filter"]] - EXTINCTION_MAG_PER_AIRMASS[r["filter"]] * (r["airmass"] - 1)
+        k = EXTINCTION_MAG_PER_AIRMASS[r["filter"]]
+        clear = (
+            ZP0_MAG[r["filter"]] + 2.5 * math.log10(r["exptime_s"] / 30) - k * (r["airmass"] - 1)
+        )
         assert r["zeropoint_mag"] <= clear + 1e-12
         assert r["zeropoint_mag"] > clear - 0.5
         ml = limiting_mag(
@@ -84,7 +88,8 @@ def test_zeropoint_and_depth_are_consistent():
             r["rdnoise_e"],
         )
         assert float(ml) == pytest.approx(r["mag_lim"], abs=1e-9)
-        assert 19.5 < r["mag_lim"] < 22.5
+        # deeper by ~2.5 log10(2) = 0.75 mag for 4x the time (sky-limited: S/N ∝ sqrt(t))
+        assert 19.5 + 0.75 * (exptime_s > 30) < r["mag_lim"] < 22.5 + 0.75 * (exptime_s > 30)
 
 
 def test_tan_round_trip_and_agreement_with_astropy():
@@ -163,3 +168,13 @@ def test_variable_and_transient_lightcurves():
     assert variable_dmag("rrlyrae", 0.5, 1.0, 100.0, t).mean() == pytest.approx(0.0, abs=1e-3)
     assert np.isinf(transient_mag(9.9, 10.0, 17.0, 1.2))
     assert transient_mag(19.0, 10.0, 17.0, 1.2) == pytest.approx(17.0 + 3.0)
+
+
+def test_four_times_the_exposure_is_three_quarters_of_a_magnitude_deeper():
+    # truth: same seed → same conditions; sky-limited S/N ∝ sqrt(t), so 4x the time
+    # gains 2.5 log10(2) = 0.753 mag; read noise and source photons (S/N ∝ t) push the
+    # gain towards 2.5 log10(4) = 1.505; ZTF-like exposures are sky-dominated (< 0.9)
+    a = Survey(SurveyConfig(**SMALL)).exposure_table()
+    b = Survey(SurveyConfig(**SMALL, exptime_s=120.0)).exposure_table()
+    gain = np.asarray(b.column("mag_lim")) - np.asarray(a.column("mag_lim"))
+    assert np.all((gain > 0.753) & (gain < 0.9)), gain
