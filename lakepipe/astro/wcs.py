@@ -126,18 +126,19 @@ def footprint_contains_sql(ra: float, dec: float, prefix: str = "") -> str:
     """
     r0, d0 = math.radians(ra), math.radians(dec)
     s0, c0 = math.sin(d0), math.cos(d0)
-    xs, ys, zs = [], [], []
+    xs, ys = [], []
     for k in range(1, 5):
         dr = f"radians({prefix}ra{k}) - {r0!r}"
         dk = f"radians({prefix}dec{k})"
         xs.append(f"(cos({dk}) * sin({dr}))")
         ys.append(f"({c0!r} * sin({dk}) - {s0!r} * cos({dk}) * cos({dr}))")
-        zs.append(f"({s0!r} * sin({dk}) + {c0!r} * cos({dk}) * cos({dr}))")
+    d1, dr1 = f"radians({prefix}dec1)", f"radians({prefix}ra1) - {r0!r}"
+    z1 = f"({s0!r} * sin({d1}) + {c0!r} * cos({d1}) * cos({dr1}))"  # cos(distance) to corner 1
     cross = [f"{xs[i]} * {ys[(i + 1) % 4]} - {xs[(i + 1) % 4]} * {ys[i]}" for i in range(4)]
     signs = " + ".join(f"sign({c})" for c in cross)
     # one corner on the point's hemisphere rules out the antipodal footprint (footprints
     # are far smaller than 90 deg); each cross product appears once, so DuckDB plans it fast
-    return f"({zs[0]} > 0 and abs({signs}) = 4)"
+    return f"({z1} > 0 and abs({signs}) = 4)"
 
 
 # -- cutouts ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ Nothing is committed: tests call these into ``tmp_path``.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +126,3 @@ def write_mef(
         hdus.append(fits.BinTableHDU.from_columns([fits.Column("x", "E", array=np.zeros(3))]))
     fits.HDUList(hdus).writeto(path, overwrite=True)
     return arrays
-
-
-def iso(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
