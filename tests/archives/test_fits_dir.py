@@ -17,7 +17,7 @@ from lakepipe.archives.fits_dir import FitsDirArchive, exposure_id_for, night_la
 from lakepipe.archives.query import ExposureQuery, to_mjd
 from lakepipe.astro import wcs as wcsu
 from lakepipe.errors import InputNotFoundError, ParseError
-from tests.data.fits_images import ImageSpec, Star, write_mef
+from tests.data.fits_images import ImageSpec, Star, render, wcs_header, write_mef
 
 START_MJD = to_mjd("2025-01-03T05:00:00")
 
@@ -243,8 +243,6 @@ def test_night_label_keeps_a_chilean_night_together():
 
 def test_tile_compressed_images(tmp_path):
     """A RICE-compressed (.fz) integer image is read losslessly, with its WCS."""
-    from tests.data.fits_images import render, wcs_header
-
     d = tmp_path / "fz"
     d.mkdir()
     spec = ImageSpec(30.0, 45.0, distortion="sip", stars=[Star(30.002, 45.001, 2e4)])
@@ -267,3 +265,32 @@ def test_tile_compressed_images(tmp_path):
     assert not any(k.startswith("ZIMAGE") for k in h)
     ra, dec = wcsu.image_center(wcsu.celestial_wcs(h), 120, 100)
     assert (ra, dec) == pytest.approx((r["ra"], r["dec"]), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "x,y,status",
+    [
+        (-0.49, 50.0, "partial"),  # inside the first pixel: on the image
+        (-0.51, 50.0, "off_chip"),  # just beyond it
+        (60.0, 99.49, "partial"),
+        (60.0, 99.51, "off_chip"),
+        (60.2, 49.7, "ok"),
+    ],
+)
+def test_make_cutout_edges_and_centring(x, y, status):
+    """Truth: a pure TAN WCS maps these 0-based pixel positions to the requested targets."""
+    header = wcs_header(ImageSpec(200.0, -40.0, distortion="none"))
+    data = np.arange(100 * 120, dtype=np.float32).reshape(100, 120)
+    w = wcsu.celestial_wcs(header)
+    ra, dec = wcsu.pixel_to_sky(w, np.array([x]), np.array([y]))
+    h, cut, got = wcsu.make_cutout(header, data, float(ra[0]), float(dec[0]), 10.0)
+    assert got == status
+    if status == "off_chip":
+        assert cut is None
+        return
+    # 10 px side: the pixel holding the target is at index 5, and pixels are exact copies
+    x0, y0 = -int(h["LTV1"]), -int(h["LTV2"])
+    assert (x0 + 5, y0 + 5) == (int(np.floor(x + 0.5)), int(np.floor(y + 0.5)))
+    ok = np.isfinite(cut)
+    yy, xx = np.nonzero(ok)
+    np.testing.assert_array_equal(cut[ok], data[yy + y0, xx + x0])
