@@ -3,8 +3,10 @@
 Everything here is a deterministic function of :class:`SurveyConfig` (and its ``seed``).
 The survey observes a grid of fields around (``ra``, ``dec``); each field is one
 CCD-quadrant-sized image (default 3072×3080 pixels at 1.01″/px, like a ZTF quadrant).
-Every night each field is visited ``visits_per_night`` times around the meridian, the
-filter cycling through ``filters``. Per exposure the conditions vary realistically:
+Every night each field is visited ``visits_per_night`` times around its meridian transit,
+kept inside the dark window (Sun below -12°; low-precision solar position of the
+Astronomical Almanac), the filter cycling through ``filters``. Per exposure the
+conditions vary realistically:
 
 - airmass from the true altitude at Palomar (MPC I41) via Greenwich mean sidereal time
   (IAU 1982 expression, Meeus, *Astronomical Algorithms* eq. 12.4; UT1≈UTC, <1 s error)
@@ -233,6 +235,39 @@ def _transit_mjd(ra_deg: float, night_mjd0: float) -> float:
     return night_mjd0 + ((t - night_mjd0) % 0.99726957)
 
 
+def sun_radec_deg(mjd_ut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Apparent RA, Dec of the Sun (deg, equator and equinox of date), precision ~0.01°.
+
+    Astronomical Almanac "low-precision formulas for the Sun" (section C): mean
+    longitude ``L``, mean anomaly ``g``, ecliptic longitude ``λ = L + 1.915 sin g +
+    0.020 sin 2g`` and obliquity ``ε = 23.439 - 4e-7 n`` with ``n`` days from J2000.
+    """
+    n = np.asarray(mjd_ut, dtype=np.float64) + 2400000.5 - 2451545.0
+    g = np.radians(357.528 + 0.9856003 * n)
+    lam = np.radians(280.460 + 0.9856474 * n + 1.915 * np.sin(g) + 0.020 * np.sin(2 * g))
+    eps = np.radians(23.439 - 4e-7 * n)
+    ra = np.degrees(np.arctan2(np.cos(eps) * np.sin(lam), np.cos(lam))) % 360.0
+    dec = np.degrees(np.arcsin(np.sin(eps) * np.sin(lam)))
+    return ra, dec
+
+
+def dark_window(night_mjd0: float, sun_alt_max_deg: float = -12.0) -> tuple[float, float]:
+    """(start, end) MJD of the longest stretch of a UTC date with the Sun below
+    ``sun_alt_max_deg`` at Palomar (nautical twilight by default), sampled every 2 min."""
+    t = night_mjd0 + np.arange(720) / 720.0
+    ra, dec = sun_radec_deg(t)
+    dark = altitude_deg(ra, dec, t) < sun_alt_max_deg
+    best, start, best_span = (night_mjd0, night_mjd0), None, -1
+    for k, d in enumerate(np.append(dark, False)):
+        if d and start is None:
+            start = k
+        elif not d and start is not None:
+            if k - start > best_span:
+                best_span, best = k - start, (float(t[start]), float(t[k - 1]))
+            start = None
+    return best
+
+
 class Survey:
     """The virtual survey defined by a :class:`SurveyConfig`."""
 
@@ -277,11 +312,20 @@ class Survey:
         slot_d = 45.0 / 86400.0  # exposure + overhead
         out: list[Exposure] = []
         n_f = len(self.fields)
+        n_v = c.visits_per_night
         for n in range(c.n_nights):
+            # visits centred on the meridian transit, kept inside the dark window
             transit = _transit_mjd(c.ra, night0 + n)
-            for v in range(c.visits_per_night):
+            dark0, dark1 = dark_window(night0 + n)
+            gap = visit_gap_d
+            span = (n_v - 1) * gap + n_f * slot_d
+            if span > dark1 - dark0 and n_v > 1:
+                gap = max(0.0, (dark1 - dark0 - n_f * slot_d) / (n_v - 1))
+                span = (n_v - 1) * gap + n_f * slot_d
+            centre = min(max(transit, dark0 + span / 2.0), dark1 - span / 2.0)
+            for v in range(n_v):
                 flt = c.filters[(v + n) % len(c.filters)]
-                block = transit + (v - (c.visits_per_night - 1) / 2.0) * visit_gap_d
+                block = centre + (v - (n_v - 1) / 2.0) * gap
                 for fi, fld in enumerate(self.fields):
                     mjd = block + (fi - (n_f - 1) / 2.0) * slot_d + rng.uniform(-5.0, 5.0) / 86400
                     out.append(self._make_exposure(len(out), fld, flt, float(mjd), rng))

@@ -178,3 +178,39 @@ def test_four_times_the_exposure_is_three_quarters_of_a_magnitude_deeper():
     b = Survey(SurveyConfig(**SMALL, exptime_s=120.0)).exposure_table()
     gain = np.asarray(b.column("mag_lim")) - np.asarray(a.column("mag_lim"))
     assert np.all((gain > 0.753) & (gain < 0.9)), gain
+
+
+def test_sun_position_and_dark_window():
+    # truth: astropy's (ERFA) Sun in equator and equinox of date agrees with the
+    # low-precision formula (which is of date) to 0.01°
+    import warnings
+
+    from astropy.coordinates import PrecessedGeocentric, get_sun
+    from astropy.time import Time
+
+    from lakepipe.sim.survey import dark_window, sun_radec_deg
+
+    mjd = np.array([60676.0, 60800.3, 60950.7])
+    ra, dec = sun_radec_deg(mjd)
+    t = Time(mjd, format="mjd", scale="utc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ERFA "dubious year" for future UTC dates
+        sun = get_sun(t).transform_to(PrecessedGeocentric(equinox=t, obstime=t))
+    ref_ra, ref_dec = sun.ra.deg, sun.dec.deg
+    assert np.abs(((ra - ref_ra + 180) % 360) - 180).max() < 0.01
+    assert np.abs(dec - ref_dec).max() < 0.01
+    # truth: on 2025-01-01 nautical twilight at Palomar ends ~01:55 UTC and begins
+    # ~13:50 UTC (17:55 and 05:50 PST); 20 min tolerance
+    start, end = dark_window(60676.0)
+    assert (start - 60676.0) * 24 == pytest.approx(1.9, abs=0.35)
+    assert (end - 60676.0) * 24 == pytest.approx(13.85, abs=0.35)
+
+
+@pytest.mark.parametrize("ra", [150.0, 60.0, 230.0])
+def test_every_exposure_is_taken_in_the_dark(ra):
+    from lakepipe.sim.survey import sun_radec_deg
+
+    s = Survey(SurveyConfig(**{**SMALL, "ra": ra, "visits_per_night": 4}))
+    mjd = np.array([e.mjd for e in s.exposures])
+    sra, sdec = sun_radec_deg(mjd)
+    assert altitude_deg(sra, sdec, mjd).max() < -12.0
