@@ -1,0 +1,262 @@
+"""The small-body recovery chain through the runner: ``pipelines/neo-recovery.yaml``.
+
+Truth: the virtual survey's asteroids (SIM0001-3, N-body orbits with DE421 planets,
+rendered in the images) and their true topocentric positions at every exposure
+(``SimArchive.asteroid_truth()``). The discovery astrometry shipped with the pipeline is
+those positions on nights 1-3 plus seeded 0.2" noise; the chain predicts nights 4-8.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from lakepipe.archives.sim import SimArchive
+from lakepipe.astro.astrometry import make_astrometry, parse_ades_psv
+from lakepipe.errors import StageError
+from lakepipe.export.astrometry import as_astrometry
+from lakepipe.lake import Lake
+from lakepipe.runner import run_pipeline
+from lakepipe.stages.base import StageContext
+from lakepipe.stages.ephemerides import epochs_of_replicas
+from lakepipe.stages.orbit_fit import OrbitFitStage
+from lakepipe.stages.orbit_replicas import replica_rows
+from lakepipe.stages.plan import disc_meets_footprint
+from lakepipe.stages.tube import cloud_centre_radius, separation_arcsec, tube_nodes
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "pipelines" / "neo-recovery.yaml"
+DISCOVERY_NIGHTS = ("2025-01-01", "2025-01-02", "2025-01-03")
+
+
+def discovery_astrometry(archive: SimArchive, sigma_arcsec: float = 0.2, seed: int = 2025):
+    """The shipped ``neo-recovery.psv``: true positions of every asteroid at the field-600
+    exposures of nights 1-3, plus N(0, sigma) noise per coordinate (seeded)."""
+    truth = archive.asteroid_truth()
+    exps = archive.exposures()
+    sel = [
+        e
+        for e, f, n in zip(exps["exposure_id"].to_pylist(), exps["field"].to_pylist(),
+                           exps["night"].to_pylist(), strict=True)
+        if f == 600 and n in DISCOVERY_NIGHTS
+    ]  # fmt: skip
+    pos = truth["positions"].filter(pc.is_in(truth["positions"]["exposure_id"], pa.array(sel)))
+    names = dict(zip(truth["asteroids"]["number"].to_pylist(),
+                     truth["asteroids"]["designation"].to_pylist(), strict=True))  # fmt: skip
+    rng = np.random.default_rng(seed)
+    n = pos.num_rows
+    ra, dec = np.asarray(pos["ra"]), np.asarray(pos["dec"])
+    dra = rng.normal(0, sigma_arcsec, n) / 3600 / np.cos(np.radians(dec))
+    ddec = rng.normal(0, sigma_arcsec, n) / 3600
+    table = make_astrometry(
+        designation=[names[k] for k in pos["number"].to_pylist()],
+        mjd=pos["mjd"],
+        ra=ra + dra,
+        dec=dec + ddec,
+        obs_code="I41",
+        sigma_ra_arcsec=sigma_arcsec,
+        mag=np.round(np.asarray(pos["mag"]), 2),
+        band=["r"] * n,
+    )
+    return table.sort_by([("designation", "ascending"), ("mjd", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def archive() -> SimArchive:
+    knobs = dict(yaml.safe_load(SPEC.read_text())["archive"])
+    knobs.pop("kind")
+    return SimArchive.from_config(**knobs)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
+    root = tmp_path_factory.mktemp("neo_recovery")
+    report = run_pipeline(SPEC, lake=root / "lake", workers=2)
+    assert report.failed == 0
+    return Lake(root / "lake")
+
+
+@pytest.fixture(scope="module")
+def truth(archive: SimArchive) -> pa.Table:
+    """True positions at every exposure, with the designation."""
+    pos = archive.asteroid_truth()["positions"]
+    cols = ("number", "exposure_id", "night", "mjd", "ra", "dec", "on_image")
+    names = [f"SIM{k - 900000:04d}" for k in pos["number"].to_pylist()]
+    return pa.table({**{c: pos[c] for c in cols}, "designation": pa.array(names)})
+
+
+def test_discovery_file_regenerates_from_truth(archive: SimArchive) -> None:
+    """The shipped ADES file is the sim truth + seeded noise (to its 1e-8 deg printing)."""
+    shipped = parse_ades_psv(SPEC.parent / "neo-recovery.psv")
+    made = discovery_astrometry(archive)
+    assert shipped.num_rows == made.num_rows == 18
+    assert shipped["designation"].to_pylist() == made["designation"].to_pylist()
+    for c in ("mjd", "ra", "dec"):
+        np.testing.assert_allclose(np.asarray(shipped[c]), np.asarray(made[c]), rtol=0, atol=2e-8)
+
+
+def test_orbits_fit_the_discovery_arc(lake: Lake) -> None:
+    """Every object fitted from 6 observations over ~2 days with sub-arcsec residuals
+    (noise 0.2"); the covariance is a symmetric positive-definite 6x6."""
+    rows = lake.reader().read("orbits").to_pylist()
+    assert sorted(r["designation"] for r in rows) == ["SIM0001", "SIM0002", "SIM0003"]
+    for r in rows:
+        assert r["n_obs"] == 6 and r["n_used"] >= 5
+        assert r["rms_arcsec"] < 0.3
+        assert r["arc_days"] == pytest.approx(2.0, abs=0.1)
+        cov = np.asarray(r["covariance"]).reshape(6, 6)
+        np.testing.assert_allclose(cov, cov.T, rtol=1e-9, atol=0)
+        assert np.linalg.eigvalsh(cov).min() > 0
+        # a 2-day arc leaves the distance loose: a is not asserted here (SIM0001's
+        # discovery fit is even hyperbolic); the refit test checks it
+    res = lake.reader().read("orbit_residuals")
+    assert res.num_rows == 18
+    assert set(res["origin"].to_pylist()) == {"file"}
+
+
+def test_truth_inside_the_tube(lake: Lake, truth: pa.Table) -> None:
+    """Issue 6: the true position lies inside the 0.99 tube at >= 99% of epochs (here:
+    all 120 nodes, 3 objects x 40 exposures of nights 4-8)."""
+    nodes = lake.reader().read("tube_nodes").to_pylist()
+    assert len(nodes) == 120
+    pos = {(d, e): (r, de) for d, e, r, de in zip(
+        truth["designation"].to_pylist(), truth["exposure_id"].to_pylist(),
+        truth["ra"].to_pylist(), truth["dec"].to_pylist(), strict=True)}  # fmt: skip
+    inside = []
+    for n in nodes:
+        ra, dec = pos[(n["designation"], n["exposure_id"])]
+        inside.append(separation_arcsec(n["ra"], n["dec"], ra, dec) <= n["radius_arcsec"])
+    assert np.mean(inside) >= 0.99
+    # the tube grows away from the arc: night 8 is wider than night 4 for every object
+    for d in ("SIM0001", "SIM0002", "SIM0003"):
+        r = sorted((n["mjd"], n["radius_cred_arcsec"]) for n in nodes if n["designation"] == d)
+        assert r[-1][1] > 2 * r[0][1]
+
+
+def test_plan_contains_the_exposures_that_hold_the_asteroid(lake: Lake, truth: pa.Table) -> None:
+    """Every (object, exposure) of nights 4-8 with the asteroid truly on the image is
+    planned; planned cutouts are at least the tube's diameter."""
+    plan = lake.reader().read("plan")
+    planned = set(zip(plan["designation"].to_pylist(), plan["exposure_id"].to_pylist(),
+                      strict=True))  # fmt: skip
+    on = truth.filter(pc.and_(truth["on_image"], pc.greater_equal(truth["night"], "2025-01-04")))
+    needed = set(zip(on["designation"].to_pylist(), on["exposure_id"].to_pylist(), strict=True))
+    assert len(needed) >= 18
+    assert needed <= planned
+    size = np.asarray(plan["size_arcsec"])
+    assert np.all(size >= 2 * np.asarray(plan["radius_arcsec"])) and np.all(size >= 60)
+    assert len(planned) == plan.num_rows  # deduplicated
+
+
+def test_recovery_finds_the_asteroids(lake: Lake, truth: pa.Table) -> None:
+    """Accepted detections are the asteroid: within 1" of its true position at that
+    exposure; at least 80% of the fetched cutouts holding it on the image yield one."""
+    r = lake.reader()
+    rec = r.read("recoveries").filter(pc.field("accepted"))
+    assert set(rec["designation"].to_pylist()) == {"SIM0001", "SIM0002", "SIM0003"}
+    pos = {(d, e): (ra, de) for d, e, ra, de in zip(
+        truth["designation"].to_pylist(), truth["exposure_id"].to_pylist(),
+        truth["ra"].to_pylist(), truth["dec"].to_pylist(), strict=True)}  # fmt: skip
+    for row in rec.to_pylist():
+        ra, dec = pos[(row["designation"], row["exposure_id"])]
+        assert separation_arcsec(row["ra"], row["dec"], ra, dec) < 1.0
+    fetched = r.sql(
+        "select target_id, exposure_id from cutouts where status in ('ok', 'partial')"
+    ).to_pylist()
+    on = {(d, e) for d, e, o in zip(truth["designation"].to_pylist(),
+                                    truth["exposure_id"].to_pylist(),
+                                    truth["on_image"].to_pylist(), strict=True) if o}  # fmt: skip
+    holding = {(f["target_id"], f["exposure_id"]) for f in fetched} & on
+    found = set(zip(rec["designation"].to_pylist(), rec["exposure_id"].to_pylist(), strict=True))
+    assert len(found & holding) >= 0.8 * len(holding)
+    # accepted rows export as ADES astrometry and read back
+    astro = as_astrometry(rec, {})
+    assert astro.num_rows == rec.num_rows and set(astro["obs_code"].to_pylist()) == {"I41"}
+
+
+def test_refit_shrinks_the_tube(lake: Lake, truth: pa.Table, archive: SimArchive) -> None:
+    """After recovery the refitted orbit's 0.99 tube on nights 7-8 is narrower than the
+    discovery tube at every epoch, and still holds the truth; the refitted semi-major
+    axis is within 0.3 au of the true osculating one (epochs differ by days) and closer
+    than the discovery fit's."""
+    r = lake.reader()
+    true_a = dict(
+        zip(
+            archive.asteroid_truth()["asteroids"]["designation"].to_pylist(),
+            archive.asteroid_truth()["asteroids"]["a_au"].to_pylist(),
+            strict=True,
+        )
+    )
+    first_a = {o["designation"]: o["a_au"] for o in r.read("orbits").to_pylist()}
+    old_nodes = {(n["designation"], n["exposure_id"]): n for n in r.read("tube_nodes").to_pylist()}
+    exps = r.sql("select exposure_id, mjd from exposures where night >= '2025-01-07' order by mjd")
+    mjd = np.asarray(exps["mjd"])
+    eids = exps["exposure_id"].to_pylist()
+    pos = {(d, e): (ra, de) for d, e, ra, de in zip(
+        truth["designation"].to_pylist(), truth["exposure_id"].to_pylist(),
+        truth["ra"].to_pylist(), truth["dec"].to_pylist(), strict=True)}  # fmt: skip
+    refits = r.read("orbits_refit").to_pylist()
+    assert len(refits) == 3
+    for orbit in refits:
+        d = orbit["designation"]
+        assert abs(orbit["a_au"] - true_a[d]) < 0.3
+        assert abs(orbit["a_au"] - true_a[d]) < abs(first_a[d] - true_a[d])
+        eph = epochs_of_replicas(replica_rows(orbit, 300, 1), mjd, eids, "I41")
+        new = tube_nodes(eph, 0.99, 2.0).to_pylist()
+        assert len(new) == len(eids)
+        for n in new:
+            old = old_nodes[(n["designation"], n["exposure_id"])]
+            assert n["radius_cred_arcsec"] < 0.5 * old["radius_cred_arcsec"]
+            ra, dec = pos[(n["designation"], n["exposure_id"])]
+            assert separation_arcsec(n["ra"], n["dec"], ra, dec) <= n["radius_arcsec"]
+
+
+def test_unconstrained_arc_is_a_clear_error(tmp_path: Path) -> None:
+    """Two observations cannot constrain an orbit: the stage names the object and why."""
+    csv = tmp_path / "short.csv"
+    csv.write_text(
+        "designation,t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n"
+        "X1,60676.40,150.0,2.0,0.2,I41\nX1,60677.40,150.05,2.01,0.2,I41\n"
+    )
+    stage = OrbitFitStage("orbits", OrbitFitStage.Params(astrometry={"path": str(csv)}, buckets=1))
+    lake = Lake(tmp_path / "lake")
+    ctx = StageContext(stage_name="orbits", lake=lake.reader(), files=lake.files,
+                       spec_dir=tmp_path)  # fmt: skip
+    with pytest.raises(StageError, match=r"X1.*2 observations.*cannot constrain"):
+        stage.run(ctx, stage.partitions(ctx)[0])
+
+
+def test_tube_geometry_known_answers() -> None:
+    """Cloud radius: points on a ring of 10" around (150, 2) give centre (150, 2) and
+    radius 10"; a disc 10" outside a footprint edge meets it only with radius > 10"."""
+    ang = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    dec = 2.0 + 10 / 3600 * np.sin(ang)
+    ra = 150.0 + 10 / 3600 * np.cos(ang) / np.cos(np.radians(2.0))
+    rc, dc, rad = cloud_centre_radius(ra, dec, 0.99)
+    assert rc == pytest.approx(150.0, abs=1e-7) and dc == pytest.approx(2.0, abs=1e-7)
+    assert rad == pytest.approx(10.0, rel=1e-3)
+    cra = np.array([150.0, 150.1, 150.1, 150.0])
+    cdec = np.array([2.0, 2.0, 2.1, 2.1])
+    x = 150.1 + 10 / 3600 / np.cos(np.radians(2.05))
+    assert disc_meets_footprint(x, 2.05, 9.9, cra, cdec) == (False, False)
+    assert disc_meets_footprint(x, 2.05, 10.1, cra, cdec) == (True, False)
+    assert disc_meets_footprint(150.05, 2.05, 1.0, cra, cdec) == (True, True)
+
+
+def test_spec_copy_runs_from_elsewhere(tmp_path: Path) -> None:
+    """The astrometry path resolves against the spec's folder (ctx.resolve)."""
+    shutil.copy(SPEC.parent / "neo-recovery.psv", tmp_path / "neo-recovery.psv")
+    stage = OrbitFitStage(
+        "orbits", OrbitFitStage.Params(astrometry={"path": "neo-recovery.psv"}, buckets=1)
+    )
+    lake = Lake(tmp_path / "lake")
+    ctx = StageContext(stage_name="orbits", lake=lake.reader(), files=lake.files,
+                       spec_dir=tmp_path)  # fmt: skip
+    obs, origin = stage.observations(ctx)
+    assert obs.num_rows == 18 and origin == ["file"] * 18
