@@ -57,9 +57,10 @@ class LightcurvesStage(Stage):
       least this many detections (reads ``crossmatches``).
 
     For a target, each exposure contributes its nearest detection within
-    ``match_radius_arcsec``, or else a forced-photometry row at the position (the
-    ``sources`` stage's ``forced`` positions); rows with S/N below ``detection_snr`` are
-    upper limits at the row's own 5σ limit (``mag_upper_limit``). Catalogue objects
+    ``match_radius_arcsec`` with S/N >= ``detection_snr``, or else a forced-photometry
+    row at the position (the ``sources`` stage's ``forced`` positions), or else its
+    nearest fainter detection; rows with S/N below ``detection_snr`` are upper limits at
+    the row's own 5σ limit (``mag_upper_limit``). Catalogue objects
     get their matched detections. Reads ``calibrated_sources`` (all nights); writes
     ``lightcurves`` and ``lightcurve_stats`` (weighted mean, χ²/dof, amplitude, Stetson
     J, von Neumann η, upper-limit counts; see :mod:`lakepipe.astro.variability`),
@@ -179,7 +180,8 @@ def target_lightcurves(
     radius_arcsec: float,
     detection_snr: float,
 ) -> pa.Table:
-    """One row per (target, exposure): the nearest detection, else the forced row."""
+    """One row per (target, exposure): the nearest detection with S/N >= ``detection_snr``,
+    else the forced row, else the nearest faint detection."""
     tra = np.array([t[1] for t in targets], dtype=np.float64)
     tdec = np.array([t[2] for t in targets], dtype=np.float64)
     sra = pc.fill_null(src.column("ra"), np.nan).to_numpy(zero_copy_only=False)
@@ -189,8 +191,11 @@ def target_lightcurves(
         return _empty_lightcurves()
     exp = src.column("exposure_id").to_numpy()[m.idx2]
     forced = pc.fill_null(src.column("forced"), False).to_numpy(zero_copy_only=False)[m.idx2]
-    # per (target, exposure): detections before forced rows, then nearest first
-    order = np.lexsort((m.sep_arcsec, forced, exp, m.idx1))
+    # per (target, exposure), in this order: a significant detection, the forced row
+    # (measured at the very position), a faint detection; nearest first within each
+    snr = pc.fill_null(src.column("snr"), np.nan).to_numpy(zero_copy_only=False)[m.idx2]
+    rank = np.where(forced, 1, np.where(snr >= detection_snr, 0, 2))
+    order = np.lexsort((m.sep_arcsec, rank, exp, m.idx1))
     t_sorted, e_sorted = m.idx1[order], exp[order]
     first = np.r_[True, (t_sorted[1:] != t_sorted[:-1]) | (e_sorted[1:] != e_sorted[:-1])]
     pick = order[first]

@@ -134,3 +134,20 @@ def test_buckets_are_stable() -> None:
     """sha256-based: the same id always lands in the same bucket, spread over all."""
     assert bucket_of("sn2025abc", 8) == bucket_of("sn2025abc", 8)
     assert {bucket_of(str(i), 4) for i in range(100)} == {0, 1, 2, 3}
+
+
+def test_forced_row_preferred_to_a_faint_detection(sources: pa.Table) -> None:
+    """A noise detection (S/N 4) 0.7" from the transient after it faded: the forced row
+    at the position is used instead, so the upper limit is the forced measurement."""
+    late = sources.filter(pc.field("forced")).sort_by([("mjd", "descending")]).slice(0, 1)
+    faint = late.to_pydict()
+    faint["source_id"] = [10**6]
+    faint["forced"] = [False]
+    faint["snr"] = [4.0]
+    faint["dec"] = [faint["dec"][0] + 0.7 / 3600]
+    both = pa.concat_tables([sources, pa.table(faint, schema=sources.schema)])
+    lc = target_lightcurves(both, [("sn", *OBJECTS["sn"])], 1.0, 5.0)
+    row = lc.filter(pc.equal(lc.column("exposure_id"), late.column("exposure_id")[0]))
+    assert row.num_rows == 1
+    assert row.column("forced")[0].as_py() and row.column("upper_limit")[0].as_py()
+    assert row.column("source_id")[0].as_py() == late.column("source_id")[0].as_py()
