@@ -1,0 +1,248 @@
+"""sources stage throughput and accuracy on full 3072×3080 virtual exposures.
+
+Compares, in one run and on the same images:
+
+1. ``lakepipe.astro.photometry.measure_image`` (defaults) against raw
+   ``sep.Background`` + ``sep.extract`` + ``sep.sum_circle`` with the same parameters
+   (mesh 64/3, the same seeing-matched kernel and threshold, minarea, deblending, an
+   aperture of 2 × FWHM) — the overhead of the science code (FWHM fits, windowed
+   centroids, flags, error model, limiting magnitude);
+2. the whole stage through the runner (archive render + photometry + contract + Parquet
+   write) against render + raw sep, with 1 and 2 workers (scaling);
+3. peak memory of one worker measuring one exposure (a fresh process);
+4. completeness against the survey's truth (stars with SNR > 10) next to photutils'
+   ``SourceFinder`` + ``aperture_photometry`` at the same threshold and aperture (speed
+   ratio and completeness), when photutils is installed.
+
+Run: ``python -m tests.benchmarks.bench_sources [--exposures 4] [--no-photutils]``.
+Targets (issue 4): overhead ≤ 15 % over raw sep; 2 workers ≥ 1.7× one worker; peak
+memory per worker ≤ 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sep
+import yaml
+from scipy.spatial import cKDTree
+
+SIM = {"seed": 7, "n_fields": 1, "visits_per_night": 1}
+
+
+def archive(n: int):
+    from lakepipe.archives.sim import SimArchive
+
+    return SimArchive.from_config(**SIM, n_nights=n)
+
+
+def raw_sep(data: np.ndarray, header, fwhm_pix: float) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline: what a script would call, with the stage's default parameters."""
+    from lakepipe.astro import photometry as ph
+
+    data = np.array(data, dtype=np.float32)
+    bkg = sep.Background(data, bw=64, bh=64, fw=3, fh=3)
+    sub = data - bkg.back()
+    kernel = ph.gaussian_kernel(fwhm_pix)
+    thresh = 4.5 * math.sqrt(float((kernel**2).sum())) / float(kernel.sum())
+    sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size // 10))
+    objs = sep.extract(
+        sub,
+        thresh,
+        err=bkg.globalrms,
+        minarea=3,
+        filter_kernel=kernel,
+        filter_type="conv",
+        deblend_nthresh=32,
+        deblend_cont=0.005,
+        clean=False,
+    )
+    flux, _, _ = sep.sum_circle(
+        sub, objs["x"], objs["y"], 2.0 * fwhm_pix, err=bkg.globalrms, gain=header["GAIN"]
+    )
+    return np.column_stack([objs["x"], objs["y"]]), flux
+
+
+def photutils_run(data: np.ndarray, fwhm_pix: float) -> np.ndarray:
+    """photutils at the same threshold (in filtered σ), kernel, minarea and aperture."""
+    from astropy.convolution import convolve
+    from photutils.aperture import CircularAperture, aperture_photometry
+    from photutils.background import Background2D, MedianBackground
+    from photutils.segmentation import SourceCatalog, SourceFinder
+
+    from lakepipe.astro import photometry as ph
+
+    bkg = Background2D(data, (64, 64), filter_size=(3, 3), bkg_estimator=MedianBackground())
+    sub = data - bkg.background
+    kernel = ph.gaussian_kernel(fwhm_pix)
+    conv = convolve(sub, kernel, normalize_kernel=True)
+    rms = float(np.median(bkg.background_rms))
+    thresh = 4.5 * rms * math.sqrt(float((kernel**2).sum())) / float(kernel.sum())
+    finder = SourceFinder(n_pixels=3, n_levels=32, contrast=0.005, progress_bar=False)
+    segm = finder(conv, thresh)
+    if segm is None:
+        return np.zeros((0, 2))
+    cat = SourceCatalog(sub, segm, convolved_data=conv)
+    xy = np.column_stack([cat.x_centroid, cat.y_centroid])
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    aperture_photometry(sub, CircularAperture(xy, r=2.0 * fwhm_pix))
+    return xy
+
+
+def completeness(xy: np.ndarray, truth: dict, snr: np.ndarray, sel: np.ndarray) -> float:
+    tx, ty = truth["x_pix"][sel], truth["y_pix"][sel]
+    if len(xy) == 0:
+        return 0.0
+    d, _ = cKDTree(xy).query(np.column_stack([tx, ty]))
+    good = snr > 10
+    return float((d[good] <= 1.0).mean())
+
+
+def truth_selection(truth: dict, nx: int, ny: int) -> np.ndarray:
+    sel = np.isin(truth["kind"], ("star", "variable", "appeared", "transient"))
+    sel &= ~truth["saturated"]
+    x, y = truth["x_pix"], truth["y_pix"]
+    return sel & (x > 5) & (x < nx - 6) & (y > 5) & (y < ny - 6)
+
+
+def timed(fn, *args, repeat: int = 1):
+    best = math.inf
+    out = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def pipeline_seconds(n: int, workers: int, root: Path) -> float:
+    """Wall time of the sources stage over n nights (one exposure each)."""
+    from lakepipe.runner import run_pipeline
+
+    spec = {
+        "name": "bench_sources",
+        "lake": str(root / f"lake_w{workers}"),
+        "archive": {"kind": "sim", **SIM, "n_nights": n},
+        "stages": {
+            "exposures": {"kind": "exposures"},
+            "sources": {"kind": "sources", "inputs": ["exposures"], "image": "exposure"},
+        },
+    }
+    path = root / f"spec_w{workers}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_pipeline(path, workers=workers, only=["exposures"])
+    t0 = time.perf_counter()
+    report = run_pipeline(path, workers=workers, only=["sources"])
+    elapsed = time.perf_counter() - t0
+    if report.exit_code:
+        raise SystemExit(f"pipeline failed: {report}")
+    return elapsed
+
+
+def _worker_peak(q, n: int) -> None:
+    from lakepipe.astro import photometry as ph
+
+    a = archive(n)
+    eid = a.exposures().column("exposure_id")[0].as_py()
+    header, data = a.image(eid)
+    ph.measure_image(ph.image_from_array(data, header))
+    q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def peak_memory_mib(n: int) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker_peak, args=(q, n))
+    p.start()
+    value = q.get()
+    p.join()
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--exposures", type=int, default=4)
+    ap.add_argument("--no-photutils", action="store_true")
+    args = ap.parse_args()
+    from lakepipe.astro import photometry as ph
+
+    n = args.exposures
+    a = archive(n)
+    eids = a.exposures().column("exposure_id").to_pylist()
+    print(f"{len(eids)} virtual exposures, {a.config.naxis1}x{a.config.naxis2} px")
+    render_s, rows = [], []
+    for eid in eids:
+        t, (header, data) = timed(a.image, eid)
+        render_s.append(t)
+        truth = {k: np.asarray(v) for k, v in a.truth(eid).to_pydict().items()}
+        rows.append((eid, header, np.array(data), truth))
+    # warm up (imports, sep pixstack, astropy WCS)
+    ph.measure_image(ph.image_from_array(rows[0][2][:512, :512], rows[0][1]))
+    raw_s, ours_s, pu_s = [], [], []
+    comp_raw, comp_ours, comp_pu = [], [], []
+    for _eid, header, data, truth in rows:
+        fwhm = float(header["FWHMPIX"])
+        t_raw, (xy_raw, _) = timed(raw_sep, data, header, fwhm, repeat=2)
+        t_ours, m = timed(
+            lambda d=data, h=header: ph.measure_image(ph.image_from_array(d, h)), repeat=2
+        )
+        raw_s.append(t_raw)
+        ours_s.append(t_ours)
+        st = m.stats
+        sel = truth_selection(truth, data.shape[1], data.shape[0])
+        flux = truth["flux_adu"][sel]
+        r = 2.0 * fwhm
+        snr = flux / np.sqrt(
+            flux / header["GAIN"] + math.pi * r * r * st["background_rms_adu"] ** 2
+        )
+        xy_ours = np.column_stack([m.sources["x"], m.sources["y"]])
+        comp_raw.append(completeness(xy_raw, truth, snr, sel))
+        comp_ours.append(completeness(xy_ours, truth, snr, sel))
+        if not args.no_photutils:
+            try:
+                t_pu, xy_pu = timed(photutils_run, data, fwhm)
+            except ImportError as exc:  # photutils (and scikit-image for deblending)
+                args.no_photutils = True
+                print(f"photutils comparison skipped: {exc}")
+            else:
+                pu_s.append(t_pu)
+                comp_pu.append(completeness(xy_pu, truth, snr, sel))
+    med = statistics.median
+    print(f"render (sim archive)        {med(render_s):7.2f} s / exposure")
+    print(f"raw sep                     {med(raw_s):7.2f} s / exposure")
+    print(
+        f"measure_image               {med(ours_s):7.2f} s / exposure  "
+        f"(overhead {med(ours_s) / med(raw_s) - 1:+.0%} over raw sep)"
+    )
+    print(
+        f"completeness SNR>10: lakepipe {np.mean(comp_ours):.3f}, raw sep {np.mean(comp_raw):.3f}"
+    )
+    if pu_s:
+        print(
+            f"photutils SourceFinder+aperture_photometry {med(pu_s):7.2f} s / exposure "
+            f"({med(pu_s) / med(ours_s):.1f}x slower than lakepipe), completeness "
+            f"{np.mean(comp_pu):.3f}"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t1 = pipeline_seconds(n, 1, root)
+        t2 = pipeline_seconds(n, 2, root)
+    base = med(render_s) + med(raw_s)
+    print(
+        f"stage via runner, 1 worker  {t1 / n:7.2f} s / exposure  "
+        f"(vs render + raw sep {base:.2f} s: overhead {t1 / n / base - 1:+.0%})"
+    )
+    print(f"stage via runner, 2 workers {t2 / n:7.2f} s / exposure  (speed-up {t1 / t2:.2f}x)")
+    print(f"peak memory of one worker   {peak_memory_mib(n):7.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
