@@ -117,14 +117,14 @@ def calibration_stars(sources: pa.Table, matches: pa.Table, p: CalibrateParams) 
         lo, hi = p.ref_mag_range
         m = m.filter((pc.field("ref_mag") >= lo) & (pc.field("ref_mag") <= hi))
     # a catalogue star claimed by two detections of one exposure is ambiguous: drop it
-    keys = pa.table({"e": m.column("exposure_id"), "r": m.column("ref_id")})
-    counts = keys.group_by(["e", "r"]).aggregate([("e", "count")])
-    dup = counts.filter(pc.field("e_count") > 1)
-    if dup.num_rows:
-        bad = set(zip(dup.column("e").to_pylist(), dup.column("r").to_pylist(), strict=True))
-        pairs = zip(m.column("exposure_id").to_pylist(), m.column("ref_id").to_pylist(),
-                    strict=True)  # fmt: skip
-        m = m.filter(pa.array([pair not in bad for pair in pairs]))
+    e = m.column("exposure_id").to_numpy()
+    r = m.column("ref_id").to_numpy()
+    order = np.lexsort((r, e))
+    same = (e[order][1:] == e[order][:-1]) & (r[order][1:] == r[order][:-1])
+    dup = np.zeros(len(e), dtype=bool)
+    dup[order[1:][same]] = True
+    dup[order[:-1][same]] = True
+    m = m.filter(pa.array(~dup))
     src = sources.select(["source_id", "flux", "flux_err", "snr", "flags", "forced"])
     joined = m.select(["source_id", "exposure_id", "ref_mag", "ref_mag_err", "ref_colour"]).join(
         src, "source_id", join_type="inner"

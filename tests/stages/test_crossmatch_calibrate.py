@@ -186,3 +186,22 @@ def test_too_few_stars_is_reported_not_fatal(survey: dict) -> None:
     assert row["status"] == "too_few_stars" and row["zeropoint_mag"] is None
     sel = pc.equal(phot.column("exposure_id"), first)
     assert phot.filter(sel).column("mag").null_count == phot.filter(sel).num_rows
+
+
+def test_hats_copy_of_the_survey_catalogue_gives_the_same_matches(
+    survey: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 5 item 1: the survey's catalogue written as HATS is read (pruned) and
+    matched exactly like the Parquet file."""
+    from lakepipe.catalogs.hats import write_hats
+
+    root = tmp_path_factory.mktemp("hats") / "refcat"
+    write_hats(survey["archive"].catalog(), root, max_rows=2000, row_group_rows=500)
+    cat = open_catalog(CatalogConfig(path=str(root), columns=COLUMNS))
+    assert type(cat).__name__ == "HatsCatalog"
+    m = match_sources(survey["sources"], cat, radius_arcsec=1.5, bands=BANDS)
+    ref = survey["matches"]
+    assert m.column("source_id").to_pylist() == ref.column("source_id").to_pylist()
+    assert m.column("ref_id").to_pylist() == ref.column("ref_id").to_pylist()
+    np.testing.assert_allclose(m.column("ref_mag").to_numpy(), ref.column("ref_mag").to_numpy())
+    assert cat.stats.files_read >= 1  # (the catalogue only covers the field: all is read)
