@@ -395,11 +395,14 @@ def test_rate_limit_spacing(server, session) -> None:
     _parallel(client, url + "/echo", 12)
     times = np.sort([r["t"] for r in state.log])
     assert len(times) == 12
-    # truth: GCRA with burst 1 spaces reservations by 1/rate = 50 ms; arrivals at the
-    # server may jitter by thread scheduling, so any k+1 arrivals span >= k*50ms - 40ms
-    for k in range(1, 12):
+    # truth: GCRA with burst 1 reserves slots 1/rate = 50 ms apart, so 12 requests span
+    # 550 ms; arrivals at the server jitter with thread scheduling (tens of ms on a busy
+    # machine), so windows get 60 ms of slack. Without the limiter all 12 arrive within
+    # a few ms.
+    assert times[-1] - times[0] >= 0.55 - 0.06
+    for k in range(3, 12):
         span = (times[k:] - times[:-k]).min()
-        assert span >= k * 0.05 - 0.04, (k, span)
+        assert span >= k * 0.05 - 0.06, (k, span)
 
 
 def test_machine_wide_rate_limit_shared_between_limiters(tmp_path) -> None:
