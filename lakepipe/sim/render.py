@@ -40,13 +40,18 @@ def render_psfs(
     y: np.ndarray,
     flux: np.ndarray,
     sigma_pix: float,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Noise-free image (float64, ADU) of Gaussian point sources integrated over pixels.
+    """Noise-free image (ADU) of Gaussian point sources integrated over pixels.
 
-    Sources off the image contribute the part of their stamp that falls on it.
+    Sources off the image contribute the part of their stamp that falls on it. The
+    stamps are added to ``out`` (any float dtype, shape ``shape``) when given, else to a
+    new float64 image, which is returned.
     """
     ny, nx = shape
-    out = np.zeros(ny * nx, dtype=np.float64)
+    if out is None:
+        out = np.zeros(shape, dtype=np.float64)
+    flat = out.reshape(-1)
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
@@ -76,8 +81,8 @@ def render_psfs(
         iyc = np.clip(iy, 0, ny - 1)
         idx = iyc[:, :, None] * nx + ixc[:, None, :]
         w = ey[:, :, None] * ex[:, None, :]
-        out += np.bincount(idx.ravel(), weights=w.ravel(), minlength=ny * nx)
-    return out.reshape(ny, nx)
+        np.add.at(flat, idx.ravel(), w.ravel().astype(out.dtype, copy=False))
+    return out
 
 
 def trail_points(

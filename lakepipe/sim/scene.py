@@ -311,7 +311,8 @@ class VirtualSurvey:
         """The science image (float32 ADU) of a scene: sources, sky, noise, defects."""
         exp = scene.exposure
         shape = (exp.naxis2, exp.naxis1)
-        model = render.render_psfs(shape, scene.x, scene.y, scene.flux, exp.sigma_pix)
+        model = np.zeros(shape, dtype=np.float32)
+        render.render_psfs(shape, scene.x, scene.y, scene.flux, exp.sigma_pix, out=model)
         rng = self.survey.rng(10, exp.exposure_id)
         img = render.add_noise(model, exp.sky_adu, exp.gain_e_per_adu, exp.rdnoise_e, rng)
         del model
