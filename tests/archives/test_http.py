@@ -133,11 +133,32 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, FITS)
             elif path == "/range":
                 self._range()
+            elif path == "/trickle":
+                self._trickle()
             else:
                 self._send(404, b"unknown")
         finally:
             with st.lock:
                 st.inflight -= 1
+
+    def _trickle(self) -> None:
+        """BIG in 20 slow pieces (Range honoured): a download that can be killed midway."""
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = BIG[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(BIG) - 1}/{len(BIG)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        step = len(BIG) // 20
+        try:
+            for i in range(0, len(body), step):
+                self.wfile.write(body[i : i + step])
+                self.wfile.flush()
+                time.sleep(0 if rng else 0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def _range(self) -> None:
         st = self.state
@@ -473,3 +494,36 @@ def test_concurrent_downloads_of_one_file_fetch_once(server, session, tmp_path) 
     for t in threads:
         t.join()
     assert dest.read_bytes() == BIG and len(state.log) == 1  # one fetch, three waited
+
+
+def test_sigkilled_download_resumes_by_range(server, tmp_path) -> None:
+    """Issue 7 item 6: a process killed mid-download leaves a .part the next run resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url, state = server
+    dest = tmp_path / "big.bin"
+    part = dest.with_name("big.bin.part")
+    code = (
+        "from lakepipe.archives.http import HttpClient, HttpParams\n"
+        "p = HttpParams(rate_limit_scope='process', netrc=False)\n"
+        f"HttpClient(p).download({url + '/trickle'!r}, {str(dest)!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and (not part.exists() or part.stat().st_size < 20000):
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    have = part.stat().st_size
+    assert 0 < have < len(BIG) and not dest.exists()  # killed midway
+    client = HttpClient(fast(), session=requests.Session())
+    client.download(url + "/trickle", dest)
+    assert dest.read_bytes() == BIG  # truth: byte-identical after the resume
+    assert state.log[-1]["range"] == f"bytes={have}-"  # only the missing tail was asked
+    client.download(url + "/trickle", dest)
+    assert len(state.log) == 2  # complete: nothing fetched again
