@@ -107,7 +107,7 @@ def test_orbits_fit_the_discovery_arc(lake: Lake) -> None:
     rows = lake.reader().read("orbits").to_pylist()
     assert sorted(r["designation"] for r in rows) == ["SIM0001", "SIM0002", "SIM0003"]
     for r in rows:
-        assert r["n_obs"] == 6 and r["n_used"] >= 5
+        assert r["n_obs"] == r["n_used"] == 6 and r["n_rejected"] == 0
         assert r["rms_arcsec"] < 0.3
         assert r["arc_days"] == pytest.approx(2.0, abs=0.1)
         cov = np.asarray(r["covariance"]).reshape(6, 6)
