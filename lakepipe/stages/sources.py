@@ -71,11 +71,15 @@ class SourcesStage(Stage):
     image : ``cutout`` or ``exposure``: what to measure.
     background : ``mesh_pix`` (64), ``filter_size`` (3), ``mode``: ``global`` (the mesh
         map) or ``local`` (annulus ``annulus_pix`` [inner, outer] px, default 3/5 FWHM).
-    detect : ``threshold_sigma`` (4.0: below 1 false detection per 10⁶ pixels of noise),
-        ``threshold_rms`` local|global, ``minarea`` (5 px), ``deblend_nthresh`` (32),
-        ``deblend_cont`` (0.005), ``clean``, ``clean_param``, ``filter``
-        default|seeing|none (SExtractor's default.conv, a Gaussian of the measured FWHM,
-        or none), ``centroid`` windowed|isophotal, ``edge_buffer_pix``.
+    detect : ``threshold_sigma`` (4.5, in σ of the filtered image — the matched-filter
+        SNR — unless ``threshold_on: image``, SExtractor's DETECT_THRESH convention:
+        with default.conv, 1.5 image-σ = 4.0 filtered-σ; 4.5 keeps pure-noise detections
+        below 1 per 10⁶ pixels), ``threshold_rms`` global|local (rms map),
+        ``minarea`` (3 px), ``deblend_nthresh`` (32), ``deblend_cont`` (0.005),
+        ``clean`` (off: CLEAN's Moffat wings delete real neighbours of bright stars in
+        Gaussian-PSF images), ``clean_param``, ``filter`` seeing|default|none (a
+        Gaussian of the measured FWHM found from a ≥10σ pre-pass, SExtractor's
+        default.conv, or none), ``centroid`` windowed|isophotal, ``edge_buffer_pix``.
     aperture : ``mode`` fixed (``radius`` in ``unit`` pix|arcsec) | fwhm (``scale`` ×
         FWHM, default 2.0) | multi (``radii``; ``keep`` all rows, or the ``best`` radius
         per image from the curve of growth); ``kron`` (AUTO flux), ``subpix`` (0 = exact
@@ -91,7 +95,7 @@ class SourcesStage(Stage):
         sources:
           kind: sources
           inputs: [cutouts]
-          detect: {threshold_sigma: 3.0, minarea: 5}
+          detect: {threshold_sigma: 5.0, minarea: 3}
           aperture: {mode: fwhm, scale: 2.0}
           limiting_mag: {mode: random, n_apertures: 500, seed: 1}
           forced: {positions: [{id: sn, ra: 150.11, dec: 2.21}]}

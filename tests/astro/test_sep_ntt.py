@@ -143,3 +143,19 @@ def test_auto_flux_close_to_sextractor(ntt):
     # sep's Kron code is SExtractor's; the minimum-radius circle and subpixel sampling
     # differ slightly, so compare the bulk
     assert np.median(np.abs(ratio - 1.0)) < 0.01
+
+
+def test_filtered_threshold_equals_sextractor_threshold(ntt):
+    # truth: default.conv has Σk = 16, sqrt(Σk²) = 6, so filtered noise is 0.375 σ and
+    # DETECT_THRESH 1.5 (image σ) is exactly 4.0 σ of the filtered image
+    img, m, _ = ntt
+    bp = ph.BackgroundParams(mesh_pix=64, filter_size=3)
+    bkg = ph.background(img.data, None, bp)
+    sub = img.data - bkg.back()
+    common = {"minarea": 5, "deblend_cont": 1.0, "clean": True}
+    a, _ = ph.detect(sub, bkg, None, ph.DetectParams(threshold_sigma=4.0, **common))
+    b, _ = ph.detect(
+        sub, bkg, None, ph.DetectParams(threshold_sigma=1.5, threshold_on="image", **common)
+    )
+    assert len(a) == len(b) == m.stats["n_detected"]
+    assert np.array_equal(a["x"], b["x"])
