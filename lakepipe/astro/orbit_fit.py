@@ -21,9 +21,10 @@ Method (Milani & Gronchi 2010, *Theory of Orbit Determination*, ch. 5):
    statistics of asteroid optical astrometric observations", sec. 3): each observation's
    chi^2_i = xi_i^T Gamma_xi^-1 xi_i with the residual covariance Gamma_xi = W_i^-1 -/+
    B_i Gamma B_i^T (minus for observations in the fit, plus for excluded ones); an
-   observation in the fit with chi^2_i > ``chi2_reject`` (8) is rejected (the worst one
-   per pass), excluded ones with chi^2_i < ``chi2_recover`` (7) come back; fit and select
-   alternate until the selection is stable.
+   observation in the fit with chi^2_i > ``chi2_reject`` (8) is rejected (per pass only
+   those within a factor 4 of the worst, which inflates its neighbours), excluded ones
+   with chi^2_i < ``chi2_recover`` (7) come back; fit and select alternate until the
+   selection is stable.
 
 Replicas (:func:`sample_replicas`) are draws from the linearised posterior N(x, Gamma).
 """
@@ -567,8 +568,8 @@ def fit_orbit(
     max_condition
         Largest condition number accepted for the (column-scaled) normal matrix.
     good_fit_chi2
-        Gauss candidates are corrected best first until one reaches a chi^2 per degree of
-        freedom below this; otherwise the smallest chi^2 of all wins.
+        Gauss candidates are corrected best first until one reaches a robust chi^2 per
+        residual (median-based) below this; otherwise the smallest of all wins.
 
     Raises
     ------
@@ -619,22 +620,31 @@ def fit_orbit(
                 errors.append(str(exc))
                 continue
             iterations += res[5]
-            chi2_c = float(np.sum(w * res[2] ** 2))
+            # robust goodness of fit: the median weighted squared residual over its
+            # expectation for Gaussian noise (median of chi^2 with 1 dof = 0.4549), so
+            # that a few outliers (rejected later) do not disqualify the right minimum
+            chi2_c = float(np.median(w * res[2] ** 2)) / 0.4549
             if best is None or chi2_c < best[0]:
-                best = (chi2_c, res[0])
-            if chi2_c / max(1, 2 * m - 6) < good_fit_chi2:
+                best = (chi2_c, res)
+            if chi2_c < good_fit_chi2:
                 break  # a statistically acceptable minimum: no need to try the others
         if best is None:
             raise OrbitFitError(errors[0])
-        state = best[1]
+        first = best[1]
+        state = first[0]
     else:
+        first = None
         state = np.asarray(initial_state, dtype=np.float64).copy()
 
     seen_selections: set[bytes] = set()
     for _pass in range(20):
-        state, gamma, xi, design, converged, its = _correct(
-            model, state, epoch_jd, obs, w, used, max_iter, max_condition, name
-        )
+        if first is not None:  # the winning candidate's correction, all observations in
+            state, gamma, xi, design, converged, its = first
+            first, its = None, 0
+        else:
+            state, gamma, xi, design, converged, its = _correct(
+                model, state, epoch_jd, obs, w, used, max_iter, max_condition, name
+            )
         last_used = used.copy()
         iterations += its
         if not reject_outliers:
@@ -645,8 +655,10 @@ def fit_orbit(
         new_used[~used & (chi2_i < chi2_recover)] = True
         over = used & (chi2_i > chi2_reject)
         if over.any():
-            # one at a time, worst first: an outlier inflates its neighbours' chi^2 too
-            new_used[np.flatnonzero(over)[np.argmax(chi2_i[over])]] = False
+            # worst first: an outlier inflates its neighbours' chi^2 too, so only those
+            # within a factor 4 of the worst go in this pass; the rest are re-judged
+            worst = float(np.max(chi2_i[over]))
+            new_used[over & (chi2_i >= 0.25 * worst)] = False
         if new_used.sum() < max(min_observations, 3):
             break  # never reject below what an orbit needs
         key = new_used.tobytes()
