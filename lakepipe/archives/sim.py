@@ -38,6 +38,9 @@ from lakepipe.sim.scene import VirtualSurvey
 from lakepipe.sim.survey import SurveyConfig
 
 CUTOUT_STATUSES = ("ok", "partial", "off_chip")
+# Bump when the survey's output (schedule, pixels, truth) changes for the same params, so
+# the runner's fingerprints invalidate lakes built with an older simulation.
+SIM_VERSION = "1"
 
 
 @register_archive("sim")
@@ -94,6 +97,10 @@ class SimArchive(Archive):
     def from_config(cls, **knobs: object) -> SimArchive:
         """Convenience constructor: ``SimArchive.from_config(seed=3, naxis1=512)``."""
         return cls(cls.Params(**knobs))
+
+    def fingerprint(self) -> str:
+        """Archive identity for the runner: kind, simulation version and every knob."""
+        return f"{self.kind}:v{SIM_VERSION}:{self.config.model_dump_json()}"
 
     def warm_up(self) -> SimArchive:
         """Compute the per-process caches (catalog, schedule, asteroid ephemerides) now.

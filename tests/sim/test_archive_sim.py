@@ -365,3 +365,12 @@ def test_concurrent_image_requests_render_identically():
         np.testing.assert_array_equal(data, fresh.image(eid)[1])
     clone = pickle.loads(pickle.dumps(a))
     np.testing.assert_array_equal(clone.image(ids[0])[1], fresh.image(ids[0])[1])
+
+
+def test_fingerprint_names_the_simulation_version_and_knobs():
+    from lakepipe.archives.sim import SIM_VERSION
+
+    fp = archive().fingerprint()
+    assert fp.startswith(f"sim:v{SIM_VERSION}:") and '"naxis1":512' in fp
+    assert fp != SimArchive.from_config(**{**KNOBS, "seed": 8}).fingerprint()
+    assert fp == SimArchive.from_config(**KNOBS).fingerprint()
