@@ -229,6 +229,12 @@ class ObservationArrays:
             return np.asarray(table.column(name).to_numpy(zero_copy_only=False))[order]
 
         designations = table.column("designation").unique().to_pylist()
+        if len(designations) > 1:
+            shown = ", ".join(map(str, designations[:5]))
+            raise OrbitFitError(
+                f"the astrometry holds {len(designations)} objects ({shown}); fit one "
+                "designation at a time (filter the table on its designation column)"
+            )
         return cls(
             mjd_utc=col("mjd").astype(np.float64),
             ra_deg=col("ra").astype(np.float64),
@@ -236,7 +242,7 @@ class ObservationArrays:
             sigma_ra_arcsec=col("sigma_ra_arcsec").astype(np.float64),
             sigma_dec_arcsec=col("sigma_dec_arcsec").astype(np.float64),
             obs_code=col("obs_code").astype(str),
-            designation=designations[0] if len(designations) == 1 else "",
+            designation=designations[0] if designations else "",
         )
 
     def __len__(self) -> int:

@@ -224,3 +224,21 @@ def test_fit_from_an_ades_file(nominal_fit, tmp_path) -> None:
     assert refit.designation == "SIM0001"
     # ADES rounding (1 ms, 1e-8 deg) moves the solution by far less than its uncertainty
     assert np.all(np.abs(refit.state - fit.state) < 0.05 * fit.sigma())
+
+
+def test_minutes_long_arc_gives_a_singular_normal_matrix() -> None:
+    # truth: four observations within 45 minutes fix a direction and a rate, not a
+    # distance; with the arc-length guard off the normal matrix itself must refuse
+    mjd = EPOCH_MJD_TDB + np.array([0.0, 0.01, 0.02, 0.03])
+    obs, _, _ = _simulate(_truth_state(), mjd, np.array(["I41"] * 4), sigma_arcsec=0.3, seed=1)
+    with pytest.raises(OrbitFitError, match=r"normal matrix is singular \(condition number"):
+        fit_orbit(obs, epoch_mjd_tdb=EPOCH_MJD_TDB, model=MODEL, min_arc_days=0.0)
+
+
+def test_mixed_designations_are_refused() -> None:
+    table = make_astrometry(
+        designation=["A1", "B2", "A1"], mjd=[60000.1, 60001.1, 60002.1], ra=[1.0, 2.0, 3.0],
+        dec=[0.0, 0.0, 0.0], obs_code="I41",
+    )  # fmt: skip
+    with pytest.raises(OrbitFitError, match=r"holds 2 objects \(A1, B2\); fit one designation"):
+        fit_orbit(table, model=MODEL)
