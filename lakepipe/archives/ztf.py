@@ -347,14 +347,23 @@ class ZtfArchive(Archive):
         """(header, pixels) of the full science image."""
         return _open(self.image_fits(exposure_id))
 
-    def cutout_fits(self, exposure_id: int, ra: float, dec: float, size_arcsec: float) -> bytes:
-        """IBE cutout FITS bytes; ArchiveError with status 400 when it misses the image."""
+    def cutout_url_params(
+        self, exposure_id: int, ra: float, dec: float, size_arcsec: float
+    ) -> tuple[str, dict[str, str]]:
+        """(image URL, IBE cutout parameters) of a cutout."""
         params = {
             "center": f"{float(ra)!r},{float(dec)!r}",  # exact: pixel edges matter
             "size": f"{size_arcsec:g}arcsec",
             "gzip": "false",
         }
-        return self.http.fetch(self.image_url(exposure_id), params, check=check_fits)
+        return self.image_url(exposure_id), params
+
+    def cutout_fits(
+        self, exposure_id: int, ra: float, dec: float, size_arcsec: float
+    ) -> tuple[bytes | None, str]:
+        """(FITS bytes or None when off chip, status), as the sim archive gives them."""
+        blob, _, _, status = self._cutout(exposure_id, ra, dec, size_arcsec)
+        return blob, status
 
     def cutout(
         self, exposure_id: int, ra: float, dec: float, size_arcsec: float
@@ -364,14 +373,19 @@ class ZtfArchive(Archive):
         Status is ``ok`` (the full square), ``partial`` (IBE clipped it at the image
         edge, or it holds blank pixels) or ``off_chip`` (IBE's HTTP 400: no overlap).
         """
+        _, header, data, status = self._cutout(exposure_id, ra, dec, size_arcsec)
+        return header, data, status
+
+    def _cutout(self, exposure_id: int, ra: float, dec: float, size_arcsec: float) -> tuple:
+        url, params = self.cutout_url_params(exposure_id, ra, dec, size_arcsec)
         try:
-            blob = self.cutout_fits(exposure_id, ra, dec, size_arcsec)
+            blob = self.http.fetch(url, params, check=check_fits)
         except ArchiveError as exc:
             if exc.status == 400:
-                return None, None, "off_chip"
+                return None, None, None, "off_chip"
             raise
         header, data = _open(blob)
-        return header, data, _cutout_status(header, data, size_arcsec)
+        return blob, header, data, _cutout_status(header, data, size_arcsec)
 
 
 def _cutout_status(header: fits.Header, data: np.ndarray, size_arcsec: float) -> str:

@@ -136,6 +136,9 @@ def test_image_and_cutout_pixels(emu, survey, tmp_path) -> None:
     assert status == want_status == "partial"
     assert np.array_equal(data, want, equal_nan=True) and np.isnan(data).any()
     assert ztf.cutout(eid, 160.0, 10.0, 20.0) == (None, None, "off_chip")
+    assert ztf.cutout_fits(eid, 160.0, 10.0, 20.0) == (None, "off_chip")
+    blob, status = ztf.cutout_fits(eid, row["ra"], row["dec"], 20.0)
+    assert status == "ok" and blob.startswith(b"SIMPLE  =")
     assert survey.cutout(eid, 160.0, 10.0, 20.0)[2] == "off_chip"
 
 
