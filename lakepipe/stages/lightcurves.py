@@ -26,6 +26,7 @@ SOURCE_COLUMNS = [
     "mag_err",
     "mag_upper_limit",
     "mag_system",
+    "flags",
 ]
 
 
@@ -94,6 +95,11 @@ class LightcurvesStage(Stage):
         match_radius_arcsec: float = Field(1.5, gt=0, description="Target-source radius")
         detection_snr: float = Field(5.0, gt=0, description="Below: an upper limit")
         buckets: int = Field(4, ge=1, le=256, description="Hash buckets of object ids")
+        stats_flags_mask: int = Field(
+            -1,
+            description="Detections with (flags & mask) != 0 (blends, edges, saturation...) "
+            "stay in lightcurves but not in lightcurve_stats; -1: any flag, 0: keep all",
+        )
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         return [Partition.of(bucket=f"{b:02d}") for b in range(self.params.buckets)]
@@ -126,7 +132,7 @@ class LightcurvesStage(Stage):
             pieces.append(lc.filter(pa.array(keep, pa.bool_())))
         lc = pa.concat_tables(pieces) if pieces else _empty_lightcurves()
         lc = lc.sort_by([("object_id", "ascending"), ("mjd", "ascending")])
-        return {"lightcurves": lc, "lightcurve_stats": summarise(lc)}
+        return {"lightcurves": lc, "lightcurve_stats": summarise(lc, p.stats_flags_mask)}
 
 
 def _empty_lightcurves() -> pa.Table:
@@ -169,6 +175,7 @@ def _assemble(
             "snr": rows.column("snr"),
             "forced": rows.column("forced"),
             "sep_arcsec": pa.array(sep),
+            "flags": rows.column("flags"),
             "mag_system": rows.column("mag_system"),
         }
     )
@@ -231,8 +238,13 @@ def catalog_lightcurves(
     return _assemble(ids, ora, odec, rows, sep, detection_snr)
 
 
-def summarise(lc: pa.Table) -> pa.Table:
-    """``lightcurve_stats``: one row per (object, filter)."""
+def summarise(lc: pa.Table, flags_mask: int = -1) -> pa.Table:
+    """``lightcurve_stats``: one row per (object, filter), from upper limits and the
+    detections without any of the ``flags_mask`` bits."""
+    if lc.num_rows:
+        flags = pc.fill_null(lc.column("flags"), 0).to_numpy(zero_copy_only=False)
+        upper = lc.column("upper_limit").to_numpy(zero_copy_only=False)
+        lc = lc.filter(pa.array(upper | ((flags & flags_mask) == 0)))
     if lc.num_rows == 0:
         from lakepipe.tables import get_contract
 

@@ -42,7 +42,7 @@ def sources() -> pa.Table:
     t = np.sort(rng.uniform(0.0, 10.0, N_EXP))
     rows: dict[str, list] = {k: [] for k in (
         "source_id", "exposure_id", "filter", "mjd", "ra", "dec", "forced", "snr", "mag",
-        "mag_err", "mag_upper_limit", "mag_system")}  # fmt: skip
+        "mag_err", "mag_upper_limit", "mag_system", "flags")}  # fmt: skip
     sid = 0
     for i, ti in enumerate(t):
         for name, (ra, dec) in OBJECTS.items():
@@ -66,7 +66,8 @@ def sources() -> pa.Table:
                 rows["mag_err"].append(err)
                 rows["mag_upper_limit"].append(LIMIT)
                 rows["mag_system"].append("AB")
-    return pa.table(rows)
+                rows["flags"].append(0)
+    return pa.table({**rows, "flags": pa.array(rows["flags"], pa.int32())})
 
 
 def test_target_lightcurves_detections_and_upper_limits(sources: pa.Table) -> None:
@@ -151,3 +152,20 @@ def test_forced_row_preferred_to_a_faint_detection(sources: pa.Table) -> None:
     assert row.num_rows == 1
     assert row.column("forced")[0].as_py() and row.column("upper_limit")[0].as_py()
     assert row.column("source_id")[0].as_py() == late.column("source_id")[0].as_py()
+
+
+def test_flagged_detections_stay_in_lightcurves_but_not_in_statistics(sources: pa.Table) -> None:
+    """A blended (flag 1) detection 2 mag too bright: listed, but the constant star's
+    statistics are computed without it (and with it when the mask is 0)."""
+    t = sources.to_pydict()
+    k = next(i for i, (ra, f) in enumerate(zip(t["ra"], t["forced"], strict=True))
+             if abs(ra - 150.0) < 1e-3 and not f)  # fmt: skip
+    t["mag"][k] -= 2.0
+    t["flags"][k] = 1
+    bad = pa.table(t, schema=sources.schema)
+    lc = target_lightcurves(bad, [("star", *OBJECTS["star"])], 1.0, 5.0)
+    assert lc.num_rows == N_EXP and 1 in lc.column("flags").to_pylist()
+    clean = summarise(lc).to_pylist()[0]
+    dirty = summarise(lc, flags_mask=0).to_pylist()[0]
+    assert clean["n_det"] == N_EXP - 1 and clean["chi2_dof"] < 3.0
+    assert dirty["n_det"] == N_EXP and dirty["chi2_dof"] > 100
