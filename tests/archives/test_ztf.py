@@ -242,7 +242,7 @@ def test_killed_download_resumes_by_range(survey, tmp_path) -> None:
 
 # -- end to end: the same pipeline on archive sim and on archive ztf via the emulator -----
 
-SIM_CONFIG = {
+SIM_CONFIG = {  # the configuration of small_sim(), for the spec's `archive: {kind: sim}`
     "naxis1": 256,
     "naxis2": 256,
     "n_nights": 2,
@@ -266,6 +266,10 @@ def _spec(tmp_path, name: str, archive_yaml: str) -> object:
         " targets: [{id: a, ra: 150.0, dec: 2.2}, {id: b, ra: 149.97, dec: 2.21}]}\n"
     )
     return path
+
+
+def test_sim_config_is_small_sim() -> None:
+    assert SimArchive.Params(**SIM_CONFIG) == small_sim().params
 
 
 def _sim_yaml() -> str:
@@ -320,7 +324,7 @@ def test_pipeline_on_ztf_emulator_matches_sim(tmp_path) -> None:
         burst_429_len=3,
         retry_after_s=0,
     )
-    with ArchiveEmulator(SimArchive.from_config(**SIM_CONFIG), faults=faults) as emu:
+    with ArchiveEmulator(small_sim(), faults=faults) as emu:
         spec = _spec(tmp_path, "viaztf", _ztf_yaml(emu.url, tmp_path / "cache", rate=25.0))
         ztf_report = run_pipeline(spec, workers=1)
         assert ztf_report.failed == 0

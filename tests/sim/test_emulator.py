@@ -7,6 +7,7 @@ configuration; truth is what the survey answers directly.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import time
@@ -30,8 +31,12 @@ from lakepipe.sim.emulator import (
 SEARCH = "/ibe/search/ztf/products/sci"
 
 
+@functools.cache
 def small_sim() -> SimArchive:
-    """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render."""
+    """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render.
+
+    One shared (read-only) instance per test session: its caches are warm after first use.
+    """
     sim = SimArchive.from_config(
         naxis1=256,
         naxis2=256,
