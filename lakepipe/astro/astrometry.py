@@ -374,8 +374,10 @@ def parse_mpc80(
 ) -> pa.Table:
     """Read MPC 80-column optical records (a path, a text with newlines, or lines).
 
-    Blank lines and observation-header lines (``COD``, ``OBS``, ... keywords) are skipped,
-    as are second lines of roving/satellite/radar records (note 2 in ``RrSsVvXx``).
+    Blank lines and observation-header lines (``COD``, ``OBS``, ... keywords) are skipped.
+    So are records whose observer is not a fixed MPC site or that are not optical
+    positions: spacecraft (``S``/``s``) and roving-observer (``V``/``v``) pairs, radar
+    (``R``/``r``) and deleted (``X``/``x``) records (note 2, column 15).
     The format carries no uncertainty: every row gets ``default_sigma_arcsec``.
     """
     name, lines = _lines(source)
