@@ -73,3 +73,38 @@ def cutouts(
     )
     path = plot_cutouts(rows, lk.files.abspath, target, out, aperture_arcsec=aperture_arcsec)
     err_console().print(f"wrote {path} ({min(rows.num_rows, 36)} stamps)", markup=False)
+
+
+@plot_app.command("tube")
+@handle_errors
+def tube(
+    designation: str = typer.Argument(..., help="designation in the tube_nodes table"),
+    out: Path = typer.Option(..., "--output", "-o", help="PNG file to write"),
+    lake: str | None = LAKE_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+) -> None:
+    """Plot an object's ephemeris tube, the planned exposures' footprints and detections.
+
+    Example: lakepipe plot tube SIM0001 -p neo-recovery -o tube.png
+    """
+    from lakepipe.plots_tube import plot_tube
+
+    lk = require_lake(lake_for(lake, pipeline))
+    sql = LakeSQL(lk)
+    d = _sql_str(designation)
+    nodes = sql.query(f"select * from tube_nodes where designation = {d} order by mjd")
+    tables = set(
+        sql.query("select table_name from information_schema.tables").column(0).to_pylist()
+    )
+    footprints = detections = None
+    if {"plan", "exposures"} <= tables:
+        footprints = sql.query(
+            "select distinct e.* from exposures e join plan p using (exposure_id) "
+            f"where p.designation = {d}"
+        )
+    if "recoveries" in tables:
+        detections = sql.query(f"select * from recoveries where designation = {d}")
+    path = plot_tube(nodes, out, designation=designation, footprints=footprints,
+                     detections=detections)  # fmt: skip
+    n_fp = 0 if footprints is None else footprints.num_rows
+    err_console().print(f"wrote {path} ({nodes.num_rows} nodes, {n_fp} footprints)", markup=False)
