@@ -334,7 +334,11 @@ class SimArchive(Archive):
         return pa.table({k: pa.array(v, types.get(k, pa.float64())) for k, v in cols.items()})
 
     def truth_tables(self, night: str) -> dict[str, pa.Table]:
-        """``truth_objects`` and ``truth_asteroids`` rows of one night (no ``_healpix_29``)."""
+        """``truth_objects`` and ``truth_asteroids`` rows of one night (no ``_healpix_29``).
+
+        Both tables are always present (``truth_asteroids`` is empty without asteroids),
+        so a stage can declare ``writes = ("truth_objects", "truth_asteroids")``.
+        """
         exps = [e for e in self.sim.survey.exposures if e.night == night]
         objects = [self.sim.scene(e.exposure_id).truth for e in exps]
         from lakepipe.sim.scene import TRUTH_SCHEMA
@@ -342,8 +346,7 @@ class SimArchive(Archive):
         out = {
             "truth_objects": pa.concat_tables(objects) if objects else TRUTH_SCHEMA.empty_table()
         }
-        if self.config.n_asteroids:
-            out["truth_asteroids"] = self.sim.asteroids.truth(exps)["positions"]
+        out["truth_asteroids"] = self.sim.asteroids.truth(exps)["positions"]
         return out
 
     def write_truth(self, folder: str | Path) -> Path:
@@ -363,6 +366,8 @@ class SimArchive(Archive):
         self._write(folder / "truth_sky.parquet", self.sky_truth())
         for night in self.nights():
             for name, table in self.truth_tables(night).items():
+                if table.num_rows == 0:
+                    continue
                 self._write(
                     folder / name / f"night={night}" / "part-0.parquet", table.drop(["night"])
                 )

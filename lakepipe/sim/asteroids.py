@@ -219,4 +219,7 @@ class Asteroids:
                 rows["x_pix"].append(float(x[i]))
                 rows["y_pix"].append(float(y[i]))
                 rows["on_image"].append(bool(on[i]))
-        return {"asteroids": pa.table(asteroids), "positions": pa.table(rows)}
+        types = {"number": pa.int64(), "exposure_id": pa.int64(), "night": pa.string(),
+                 "on_image": pa.bool_()}  # fmt: skip
+        positions = pa.table({k: pa.array(v, types.get(k, pa.float64())) for k, v in rows.items()})
+        return {"asteroids": pa.table(asteroids), "positions": positions}
