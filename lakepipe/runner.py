@@ -546,6 +546,12 @@ def _run_stage(
         force=force,
         upstream_pending=upstream_pending,
     )
+    by_part = {p.key: p for p in partitions}
+    for plan in plans:
+        if plan.action == "skip":
+            damaged = stage.verify_partition(ctx, by_part[plan.key])
+            if damaged:
+                plan.action, plan.reason = "run", f"output damaged: {damaged}"
     report.plans = plans
     listed = set(keys)
     removals = [

@@ -150,3 +150,14 @@ def test_resolved_spec_recorded_with_run(toy_spec):
 
 def test_load_spec_orders_stages(toy_spec):
     assert load_spec(toy_spec()).stage_order() == ["numbers", "sums"]
+
+
+def test_damaged_output_is_redone_even_when_unchanged(toy_spec, tmp_path):
+    spec = toy_spec()
+    run_pipeline(spec, workers=1)
+    (tmp_path / "damaged-02").write_text("")  # the toy stage's verify_partition sees this
+    r = run_pipeline(spec, workers=1)
+    numbers = r.stages[0]
+    assert numbers.ok == 1 and numbers.skipped == 3
+    [plan] = [p for p in numbers.plans if p.action == "run"]
+    assert plan.key == "bucket=02" and plan.reason == "output damaged: flag file says so"

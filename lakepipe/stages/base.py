@@ -125,6 +125,15 @@ class Stage:
         """Compute one partition: a table, or ``{table: table}`` for several outputs."""
         raise NotImplementedError
 
+    def verify_partition(self, ctx: StageContext, partition: Partition) -> str | None:
+        """Why an unchanged, committed partition must still be redone, or None.
+
+        Fingerprints cover tables, not the non-table files they reference; a stage that
+        writes files (cutout FITS) checks them here, and the runner reruns a partition
+        whose files are missing or corrupt instead of skipping it.
+        """
+        return None
+
 
 stages: Registry[type[Stage]] = Registry("stage kind", "lakepipe.stages", "lakepipe.stages")
 

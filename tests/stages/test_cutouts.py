@@ -207,6 +207,23 @@ def test_rerun_refetches_only_the_corrupt_file(ran):
     assert run_pipeline(spec, workers=1).executed == 0
 
 
+def test_plain_rerun_redoes_only_the_night_with_a_damaged_file(ran):
+    spec, lake = ran
+    before = rows_by_name(lake)
+    victim = before[("b.fits[1]", "star")]
+    p = lake.files.abspath(victim["path"])
+    p.write_bytes(p.read_bytes()[:1000])  # truncated behind the lake's back
+    r = run_pipeline(spec, workers=1)  # no --force: the runner verifies skipped nights
+    by = {s.name: s for s in r.stages}
+    assert (by["cutouts"].ok, by["cutouts"].skipped) == (1, 1)
+    [plan] = [p for p in by["cutouts"].plans if p.action == "run"]
+    assert plan.reason.startswith("output damaged: 1 cutout file(s) missing or corrupt")
+    after = rows_by_name(lake)
+    assert after[("b.fits[1]", "star")]["sha256"] == victim["sha256"]  # same pixels again
+    assert lake.files.verify(victim["path"], victim["sha256"])
+    assert run_pipeline(spec, workers=1).executed == 0
+
+
 def test_failed_fetches_become_rows_and_all_failed_fails_the_night(tmp_path):
     make_folder(tmp_path)
     spec = write_spec(tmp_path, targets=TARGETS)

@@ -67,6 +67,10 @@ class ToyNumbersStage(Stage):
             cols["id"] = pa.array([None] * n, pa.int64())
         return pa.table(cols)
 
+    def verify_partition(self, ctx: StageContext, partition: Partition) -> str | None:
+        flag = ctx.resolve(f"damaged-{partition.values['bucket']}")
+        return "flag file says so" if flag.exists() else None
+
 
 @register_stage("toy_sums")
 class ToySumsStage(Stage):
