@@ -24,10 +24,11 @@ from lakepipe.export.astrometry import as_astrometry
 from lakepipe.lake import Lake
 from lakepipe.runner import run_pipeline
 from lakepipe.stages.base import StageContext
-from lakepipe.stages.ephemerides import epochs_of_replicas
+from lakepipe.stages.ephemerides import EphemeridesStage, epochs_of_replicas
 from lakepipe.stages.orbit_fit import OrbitFitStage
 from lakepipe.stages.orbit_replicas import replica_rows
 from lakepipe.stages.plan import disc_meets_footprint
+from lakepipe.stages.recovery import candidates
 from lakepipe.stages.tube import cloud_centre_radius, separation_arcsec, tube_nodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,3 +286,76 @@ def test_cli_check_export_and_plot(lake: Lake, cli, tmp_path: Path) -> None:
     assert "40 nodes" in r.stderr
     r = cli("plot", "tube", "NOPE", "--lake", lake.root, "-o", png)
     assert r.exit_code == 2 and "no tube nodes" in r.stderr
+
+
+def test_unconstrained_arc_can_be_skipped(tmp_path: Path) -> None:
+    """With skip_unconstrained the object is left out instead of failing the bucket."""
+    csv = tmp_path / "short.csv"
+    csv.write_text(
+        "designation,t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n"
+        "X1,60676.40,150.0,2.0,0.2,I41\nX1,60677.40,150.05,2.01,0.2,I41\n"
+    )
+    params = OrbitFitStage.Params(astrometry={"path": str(csv)}, buckets=1, skip_unconstrained=True)
+    stage = OrbitFitStage("orbits", params)
+    lake = Lake(tmp_path / "lake")
+    ctx = StageContext(stage_name="orbits", lake=lake.reader(), files=lake.files,
+                       spec_dir=tmp_path)  # fmt: skip
+    out = stage.run(ctx, stage.partitions(ctx)[0])
+    assert out["orbits"].num_rows == 0 and out["orbit_residuals"].num_rows == 0
+
+
+def test_cadence_and_listed_epochs(tmp_path: Path) -> None:
+    """Epochs: an explicit list merged with a cadence (inclusive end), in time order."""
+    stage = EphemeridesStage(
+        "eph",
+        EphemeridesStage.Params(
+            mjd=[60680.25], cadence={"start_mjd": 60676.0, "end_mjd": 60678.0, "step_days": 0.5}
+        ),
+    )
+    lake = Lake(tmp_path / "lake")
+    ctx = StageContext(stage_name="eph", lake=lake.reader(), files=lake.files)
+    mjd, eid = stage.epochs(ctx)
+    np.testing.assert_allclose(mjd, [60676.0, 60676.5, 60677.0, 60677.5, 60678.0, 60680.25])
+    assert eid == [None] * 6
+
+
+def test_candidate_selection_reasons() -> None:
+    """Stars (crossmatched) are never candidates; the nearest source within the tube
+    radius with a magnitude near the prediction is the candidate, nearer sources of the
+    wrong brightness are flagged, farther ones too, and those outside the radius ignored."""
+    plan = pa.table(
+        {
+            "target_id": ["A"],
+            "designation": ["A"],
+            "exposure_id": [1],
+            "ra": [150.0],
+            "dec": [2.0],
+            "radius_arcsec": [10.0],
+            "v_mag": [19.0],
+        }
+    )
+    cutouts = pa.table({"target_id": ["A"], "exposure_id": [1], "cutout_id": [77],
+                        "status": ["ok"]})  # fmt: skip
+    off = np.array([0.5, 1.0, 2.0, 4.0, 20.0]) / 3600.0  # arcsec north of the prediction
+    sources = pa.table(
+        {
+            "source_id": [1, 2, 3, 4, 5],
+            "exposure_id": [1] * 5,
+            "cutout_id": [77] * 5,
+            "forced": [False] * 5,
+            "ra": [150.0] * 5,
+            "dec": list(2.0 + off),
+            "mag_inst": [-8.0, -11.0, -7.2, -6.9, -7.0],
+            "zeropoint_mag": [26.0] * 5,
+            "snr": [50.0] * 5,
+            "flags": [0] * 5,
+            "mjd": [60680.0] * 5,
+            "filter": ["zr"] * 5,
+            "night": ["2025-01-05"] * 5,
+        }
+    )  # fmt: skip
+    got = candidates(plan, cutouts, sources, {1}, mag_tolerance=1.5, min_snr=5.0)
+    reasons = {c["source_id"]: c["reason"] for c in got}
+    assert reasons == {2: "brightness", 3: "candidate", 4: "farther"}
+    sep = {c["source_id"]: c["sep_arcsec"] for c in got}
+    assert sep[3] == pytest.approx(2.0, abs=1e-6)
