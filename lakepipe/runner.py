@@ -147,12 +147,14 @@ def _loaded(spec_json: str) -> LoadedSpec:
 
 
 @functools.lru_cache(maxsize=4)
-def _archive(spec_json: str, spec_dir: str) -> Archive | None:
+def _archive(spec_json: str, spec_dir: str, lake_root: str) -> Archive | None:
     model = _loaded(spec_json).model
     if model.archive is None:
         return None
     cls = archives.get(model.archive.kind)
-    return cls(model.archive, spec_dir=Path(spec_dir))
+    archive = cls(model.archive, spec_dir=Path(spec_dir))
+    archive.use_lake(Path(lake_root))
+    return archive
 
 
 def _make_stage(loaded: LoadedSpec, name: str) -> Stage:
@@ -164,7 +166,7 @@ def make_context(
     lake: Lake, loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, manifest: Manifest
 ) -> StageContext:
     stage = stage_class(loaded.model.stages[name])
-    archive = _archive(spec_json, spec_dir) if stage.uses_archive else None
+    archive = _archive(spec_json, spec_dir, str(lake.root)) if stage.uses_archive else None
     if stage.uses_archive and archive is None:
         raise UserError(
             f"stage {name!r} (kind {stage.kind!r}) needs an archive; add e.g. "
@@ -286,13 +288,15 @@ def execute_job(job: Job) -> JobResult:
 # -- planning -----------------------------------------------------------------------------
 
 
-def _stage_params_hash(loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str) -> str:
+def _stage_params_hash(
+    loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, lake_root: str
+) -> str:
     s = loaded.model.stages[name]
     params = s.model_dump(mode="json", exclude={"inputs", "description"})
     cls = stage_class(s)
     archive_fp = None
     if cls.uses_archive:
-        archive = _archive(spec_json, spec_dir)
+        archive = _archive(spec_json, spec_dir, lake_root)
         archive_fp = archive.fingerprint() if archive else None
     return _hash({"params": params, "archive": archive_fp})
 
@@ -305,6 +309,7 @@ def plan_stage(
     *,
     spec_json: str,
     spec_dir: str,
+    lake_root: str,
     force: bool,
     upstream_pending: bool = False,
 ) -> list[PartitionPlan]:
@@ -312,7 +317,7 @@ def plan_stage(
     s = loaded.model.stages[name]
     cls = stage_class(s)
     code_version = f"{cls.kind}:{cls.version}"
-    params_hash = _stage_params_hash(loaded, name, spec_json, spec_dir)
+    params_hash = _stage_params_hash(loaded, name, spec_json, spec_dir, lake_root)
     table_writer = writers(loaded.model)
     input_tables = sorted(t for t, w in table_writer.items() if w in s.inputs)
     first_out = cls.writes[0]
@@ -543,6 +548,7 @@ def _run_stage(
         manifest,
         spec_json=spec_json,
         spec_dir=spec_dir,
+        lake_root=str(lake.root),
         force=force,
         upstream_pending=upstream_pending,
     )

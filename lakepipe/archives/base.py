@@ -37,6 +37,10 @@ class Archive:
         self.params = params
         self.spec_dir = spec_dir or Path.cwd()
 
+    def use_lake(self, root: Path) -> None:
+        """Told by the runner which lake it serves (e.g. to cache downloads under
+        ``<lake>/_cache``); the default does nothing."""
+
     def fingerprint(self) -> str:
         """What identifies this archive's content for the runner's fingerprints."""
         return f"{self.kind}:{self.params.model_dump_json()}"

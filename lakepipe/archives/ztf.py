@@ -37,6 +37,7 @@ import logging
 import math
 import re
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -254,6 +255,13 @@ class ZtfArchive(Archive):
         self.base_url = self.params.base_url.rstrip("/")
         self.http = HttpClient(self.params.http, credentials_env=self.params.credentials_env)
         self._rows: dict[int, dict[str, Any]] = {}
+
+    def use_lake(self, root: Path) -> None:
+        """Cache responses and downloads under ``<lake>/_cache/http`` unless a cache is
+        configured (``http.cache_dir`` or ``$LAKEPIPE_HTTP_CACHE``): reruns then fetch
+        nothing already complete and resume partial files by Range."""
+        if self.http.cache_dir is None:
+            self.http.cache_dir = Path(root) / "_cache" / "http"
 
     def fingerprint(self) -> str:
         """Content identity: the data source, not the politeness knobs or cache paths."""
