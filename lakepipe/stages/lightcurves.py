@@ -132,14 +132,17 @@ class LightcurvesStage(Stage):
             pieces.append(lc.filter(pa.array(keep, pa.bool_())))
         lc = pa.concat_tables(pieces) if pieces else _empty_lightcurves()
         lc = lc.sort_by([("object_id", "ascending"), ("mjd", "ascending")])
-        return {"lightcurves": lc, "lightcurve_stats": summarise(lc, p.stats_flags_mask)}
+        stats = summarise(lc, p.stats_flags_mask)
+        # flags stay in sources (join on source_id); the contract keeps lightcurves lean
+        return {"lightcurves": lc.drop_columns(["flags"]), "lightcurve_stats": stats}
 
 
 def _empty_lightcurves() -> pa.Table:
     from lakepipe.tables import get_contract
 
     c = get_contract("lightcurves")
-    return c.empty().drop_columns(["bucket", "_healpix_29"])
+    empty = c.empty().drop_columns(["bucket", "_healpix_29"])
+    return empty.add_column(empty.num_columns - 1, "flags", pa.array([], pa.int32()))
 
 
 def _assemble(
