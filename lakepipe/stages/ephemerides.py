@@ -86,6 +86,20 @@ def epochs_of_replicas(
     return pa.concat_tables(pieces) if pieces else schema.empty_table()
 
 
+def unique_epochs(mjd: list[float], eid: list[int | None]) -> tuple[np.ndarray, list]:
+    """One epoch per distinct time, sorted, with its exposure id when that is unique.
+
+    Exposures sharing a mid-time (the CCDs/quadrants of one ZTF exposure) share one
+    propagation; their rows get a null exposure id (the plan matches them by time).
+    """
+    ids: dict[float, set] = {}
+    for t, e in zip(mjd, eid, strict=True):
+        ids.setdefault(float(t), set()).add(e)
+    times = sorted(ids)
+    keep = [next(iter(ids[t])) if len(ids[t]) == 1 else None for t in times]
+    return np.asarray(times, float), keep
+
+
 @register_stage("ephemerides")
 class EphemeridesStage(Stage):
     """Propagate every orbit replica to the requested epochs: RA/Dec per replica.
@@ -101,7 +115,8 @@ class EphemeridesStage(Stage):
     - ``cadence``: ``{start_mjd, end_mjd, step_days}``;
     - ``exposures: true``: the mid-exposure ``mjd`` of every exposure in the lake
       (optionally filtered by ``exposures_where``, a SQL predicate on ``exposures``);
-      these rows carry the ``exposure_id``, so the tube and the plan are per exposure.
+      these rows carry the ``exposure_id`` (null when several exposures share the
+      mid-time, e.g. the quadrants of one ZTF exposure: the plan matches by time).
 
     Parameters
     ----------
@@ -168,8 +183,7 @@ class EphemeridesStage(Stage):
                 raise SQLError(f"stage {self.name!r}: exposures_where failed: {exc}") from None
             mjd += t.column("mjd").to_pylist()
             eid += t.column("exposure_id").to_pylist()
-        order = np.argsort(np.asarray(mjd, float), kind="stable")
-        return np.asarray(mjd, float)[order], [eid[i] for i in order]
+        return unique_epochs(mjd, eid)
 
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         """Propagate this bucket's replicas to every epoch."""

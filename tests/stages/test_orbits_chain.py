@@ -19,12 +19,12 @@ import yaml
 
 from lakepipe.archives.sim import SimArchive
 from lakepipe.astro.astrometry import make_astrometry, parse_ades_psv
-from lakepipe.errors import StageError
+from lakepipe.errors import StageError, UserError
 from lakepipe.export.astrometry import as_astrometry
 from lakepipe.lake import Lake
 from lakepipe.runner import run_pipeline
 from lakepipe.stages.base import StageContext
-from lakepipe.stages.ephemerides import EphemeridesStage, epochs_of_replicas
+from lakepipe.stages.ephemerides import EphemeridesStage, epochs_of_replicas, unique_epochs
 from lakepipe.stages.orbit_fit import OrbitFitStage
 from lakepipe.stages.orbit_replicas import replica_rows
 from lakepipe.stages.plan import disc_meets_footprint
@@ -359,3 +359,18 @@ def test_candidate_selection_reasons() -> None:
     assert reasons == {2: "brightness", 3: "candidate", 4: "farther"}
     sep = {c["source_id"]: c["sep_arcsec"] for c in got}
     assert sep[3] == pytest.approx(2.0, abs=1e-6)
+
+
+def test_shared_exposure_times_are_one_epoch(tmp_path: Path) -> None:
+    """Exposures sharing a mid-time give one epoch (no exposure id); a unique one keeps it;
+    a listed epoch equal to an exposure's time merges into it (null id, two sources);
+    exposures: true without an exposures table is an error naming the fix."""
+    mjd, eid = unique_epochs([60677.5, 60676.0, 60676.0, 60678.0, 60678.0],
+                             [None, 11, 12, 13, 13])  # fmt: skip
+    np.testing.assert_allclose(mjd, [60676.0, 60677.5, 60678.0])
+    assert eid == [None, None, 13]
+    lake = Lake(tmp_path / "lake")
+    stage = EphemeridesStage("eph", EphemeridesStage.Params(exposures=True))
+    ctx = StageContext(stage_name="eph", lake=lake.reader(), files=lake.files)
+    with pytest.raises(UserError, match=r"no exposures table.*inputs"):
+        stage.epochs(ctx)
