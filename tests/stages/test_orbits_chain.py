@@ -27,7 +27,7 @@ from lakepipe.stages.base import StageContext
 from lakepipe.stages.ephemerides import EphemeridesStage, epochs_of_replicas, unique_epochs
 from lakepipe.stages.orbit_fit import OrbitFitStage
 from lakepipe.stages.orbit_replicas import replica_rows
-from lakepipe.stages.plan import disc_meets_footprint
+from lakepipe.stages.plan import disc_meets_footprint, plan_exposures
 from lakepipe.stages.recovery import candidates
 from lakepipe.stages.tube import cloud_centre_radius, separation_arcsec, tube_nodes
 
@@ -374,3 +374,37 @@ def test_shared_exposure_times_are_one_epoch(tmp_path: Path) -> None:
     ctx = StageContext(stage_name="eph", lake=lake.reader(), files=lake.files)
     with pytest.raises(UserError, match=r"no exposures table.*inputs"):
         stage.epochs(ctx)
+
+
+def test_plan_interpolates_between_nodes_and_checks_time() -> None:
+    """Known answers: a tube moving 0.1 deg/day east along Dec 2; exposures half-way
+    between two nodes are planned at the interpolated centre with the larger radius; an
+    exposure 2 days past the last node (tolerance 0.5 d) and one whose footprint is
+    0.2 deg away are not; a footprint only the disc's edge reaches is planned off-centre."""
+    nodes = pa.table({"bucket": ["00"] * 3, "designation": ["A"] * 3,
+                      "exposure_id": pa.array([None] * 3, pa.int64()),
+                      "mjd": [60676.0, 60677.0, 60678.0], "ra": [150.0, 150.1, 150.2],
+                      "dec": [2.0] * 3, "radius_arcsec": [10.0, 20.0, 30.0],
+                      "v_mag": [19.0] * 3})  # fmt: skip
+
+    def box(ra: float, dec: float, h: float = 0.05) -> dict:
+        ras, decs = [ra - h, ra + h, ra + h, ra - h], [dec - h, dec - h, dec + h, dec + h]
+        return {**{f"ra{k + 1}": v for k, v in enumerate(ras)},
+                **{f"dec{k + 1}": v for k, v in enumerate(decs)}}  # fmt: skip
+
+    rows = [
+        {"exposure_id": 1, "mjd": 60676.5, **box(150.05, 2.0)},  # centre inside
+        {"exposure_id": 2, "mjd": 60676.5, **box(150.05, 2.2)},  # 0.2 deg north: no
+        {"exposure_id": 3, "mjd": 60680.0, **box(150.4, 2.0)},  # after the span: no
+        # disc at (150.15, 2.0) r=30": box edge 20" north of the centre -> planned
+        {"exposure_id": 4, "mjd": 60677.5, **box(150.15, 2.0 + 20 / 3600 + 0.05)},
+    ]
+    exps = pa.Table.from_pylist([{**r, "night": "2025-01-02", "filter": "zr"} for r in rows])
+    plan = plan_exposures(nodes, exps, min_size_arcsec=60.0, pad_arcsec=10.0,
+                          time_tolerance_days=0.5).to_pylist()  # fmt: skip
+    got = {r["exposure_id"]: r for r in plan}
+    assert set(got) == {1, 4}
+    assert got[1]["ra"] == pytest.approx(150.05) and got[1]["radius_arcsec"] == 20.0
+    assert got[1]["centre_on_image"] and got[1]["size_arcsec"] == 60.0
+    assert got[4]["ra"] == pytest.approx(150.15) and got[4]["radius_arcsec"] == 30.0
+    assert not got[4]["centre_on_image"] and got[4]["size_arcsec"] == 80.0
