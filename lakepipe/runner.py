@@ -139,6 +139,7 @@ class JobResult:
     error: str = ""
     user_error: bool = False
     started_at: str = ""
+    archive_stats: dict[str, float] | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -234,13 +235,20 @@ def execute_job(job: Job) -> JobResult:
     """Run one stage partition and write its (uncommitted) files; never raises."""
     started = utcnow()
     t0 = time.perf_counter()
+    traffic: dict[str, float] = {}  # this attempt's archive requests, bytes, rows, …
     try:
         loaded = _loaded(job.spec_json)
         lake = Lake(job.lake_root)
         manifest = lake.manifest()
         stage = _make_stage(loaded, job.stage)
         ctx = make_context(lake, loaded, job.stage, job.spec_json, job.spec_dir, manifest)
-        out = stage.run(ctx, Partition(key=job.key, reads=job.reads))
+        archive = ctx.archive
+        before = archive.stats() if archive is not None else {}
+        try:
+            out = stage.run(ctx, Partition(key=job.key, reads=job.reads))
+        finally:
+            if archive is not None:
+                traffic = {k: v - before.get(k, 0) for k, v in archive.stats().items()}
         tables = _normalise_output(stage, out)
         entries: dict[str, PartitionEntry] = {}
         rows = 0
@@ -264,7 +272,14 @@ def execute_job(job: Job) -> JobResult:
                 run_id=job.run_id,
             )
         return JobResult(
-            job.stage, job.key, True, entries, rows, time.perf_counter() - t0, started_at=started
+            job.stage,
+            job.key,
+            True,
+            entries,
+            rows,
+            time.perf_counter() - t0,
+            started_at=started,
+            archive_stats=traffic or None,
         )
     except Exception as exc:
         # Expected errors carry their message; anything else is a bug or a foreign
@@ -282,6 +297,7 @@ def execute_job(job: Job) -> JobResult:
             error=error,
             user_error=isinstance(exc, UserError),
             started_at=started,
+            archive_stats=traffic or None,
         )
 
 
@@ -606,6 +622,7 @@ def _run_stage(
                 error=res.error,
                 fingerprint=plan.fingerprint,
                 started_at=res.started_at,
+                archive_stats=res.archive_stats,
             ),
         )
         if res.ok:
@@ -655,6 +672,7 @@ def _record(
     error: str = "",
     fingerprint: str = "",
     started_at: str = "",
+    archive_stats: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
@@ -670,4 +688,5 @@ def _record(
         "fingerprint": fingerprint or None,
         "started_at": started_at or None,
         "finished_at": utcnow(),
+        "archive_stats": archive_stats or None,
     }

@@ -33,6 +33,7 @@ RUNS_COLUMNS = {
     "fingerprint": "VARCHAR",
     "started_at": "VARCHAR",
     "finished_at": "VARCHAR",
+    "archive_stats": "JSON",
 }
 
 

@@ -41,6 +41,12 @@ class Archive:
         """Told by the runner which lake it serves (e.g. to cache downloads under
         ``<lake>/_cache``); the default does nothing."""
 
+    def stats(self) -> dict[str, float]:
+        """Cumulative traffic counters (requests, retries, bytes, cache hits, rows
+        returned by queries); the runner logs each partition attempt's share in
+        ``_runs.archive_stats``. Archives without traffic return {}."""
+        return {}
+
     def fingerprint(self) -> str:
         """What identifies this archive's content for the runner's fingerprints."""
         return f"{self.kind}:{self.params.model_dump_json()}"

@@ -255,6 +255,20 @@ class ZtfArchive(Archive):
         self.base_url = self.params.base_url.rstrip("/")
         self.http = HttpClient(self.params.http, credentials_env=self.params.credentials_env)
         self._rows: dict[int, dict[str, Any]] = {}
+        self._query_rows = 0
+
+    def stats(self) -> dict[str, float]:
+        """HTTP counters of this client plus rows returned by metadata searches."""
+        st = self.http.stats
+        return {
+            "requests": st.requests,
+            "retries": st.retries,
+            "bytes": st.bytes,
+            "cache_hits": st.cache_hits,
+            "downloads_resumed": st.downloads_resumed,
+            "rate_wait_s": round(st.rate_wait_s, 3),
+            "query_rows": self._query_rows,
+        }
 
     def use_lake(self, root: Path) -> None:
         """Cache responses and downloads under ``<lake>/_cache/http`` unless a cache is
@@ -274,6 +288,7 @@ class ZtfArchive(Archive):
         resp = self.http.get(self.base_url + SEARCH_PATH, params)
         meta = read_ibe_csv(resp.content)
         log.info("IBE search %s returned %d rows", resp.url, meta.num_rows)
+        self._query_rows += meta.num_rows
         if meta.num_rows and "pid" not in meta.column_names:
             raise ArchiveError("IBE answer lacks the pid column", url=resp.url)
         for r in meta.to_pylist():

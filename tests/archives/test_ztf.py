@@ -334,6 +334,23 @@ def test_pipeline_on_ztf_emulator_matches_sim(tmp_path) -> None:
         # server's timestamp jitter (up to ~60 ms on a busy machine: 1 more)
         assert emu.requests_per_window(1.0) <= 27
         n_requests = len(emu.log)
+        # the run log holds each attempt's archive traffic: query rows, requests, retries
+        traffic = (
+            Lake(ztf_report.lake)
+            .reader()
+            .sql(
+                "select stage, sum(cast(archive_stats->>'requests' as int)) as requests, "
+                "sum(cast(archive_stats->>'retries' as int)) as retries, "
+                "sum(cast(archive_stats->>'query_rows' as int)) as query_rows "
+                f"from _runs where run_id = '{ztf_report.run_id}' and status = 'ok' "
+                "group by 1 order by 1"
+            )
+            .to_pylist()
+        )
+        by_stage = {t["stage"]: t for t in traffic}
+        assert by_stage["exposures"]["query_rows"] >= len(_tables(ztf_report.lake)[0])
+        assert sum(t["requests"] for t in traffic) <= n_requests
+        assert sum(t["retries"] for t in traffic) > 0  # the injected faults were retried
         again = run_pipeline(spec, workers=1)  # rerun: nothing to do, nothing fetched
         assert again.executed == 0 and len(emu.log) == n_requests
         ztf_exps, ztf_cuts = _tables(ztf_report.lake)
