@@ -166,7 +166,7 @@ def _make_stage(loaded: LoadedSpec, name: str) -> Stage:
 def make_context(
     lake: Lake, loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, manifest: Manifest
 ) -> StageContext:
-    stage = stage_class(loaded.model.stages[name])
+    stage = _make_stage(loaded, name)  # uses_archive may depend on the params
     archive = _archive(spec_json, spec_dir, str(lake.root)) if stage.uses_archive else None
     if stage.uses_archive and archive is None:
         raise UserError(
@@ -309,9 +309,8 @@ def _stage_params_hash(
 ) -> str:
     s = loaded.model.stages[name]
     params = s.model_dump(mode="json", exclude={"inputs", "description"})
-    cls = stage_class(s)
     archive_fp = None
-    if cls.uses_archive:
+    if _make_stage(loaded, name).uses_archive:
         archive = _archive(spec_json, spec_dir, lake_root)
         archive_fp = archive.fingerprint() if archive else None
     return _hash({"params": params, "archive": archive_fp})

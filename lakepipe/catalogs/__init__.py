@@ -19,9 +19,10 @@ from lakepipe.catalogs.base import (
     ReadStats,
     healpix_ranges,
     reference_schema,
+    to_reference,
 )
 from lakepipe.catalogs.epoch import jyear_to_mjd, mjd_to_jyear, propagate_proper_motion
-from lakepipe.errors import InputNotFoundError
+from lakepipe.errors import InputNotFoundError, UserError
 from lakepipe.registry import Registry
 
 
@@ -64,8 +65,19 @@ def guess_kind(path: Path) -> str:
     return kind
 
 
-def open_catalog(config: CatalogConfig, base_dir: Path | None = None) -> ReferenceCatalog:
+def open_catalog(
+    config: CatalogConfig, base_dir: Path | None = None, archive: object | None = None
+) -> ReferenceCatalog:
     """Open the reference catalogue a spec describes (paths relative to ``base_dir``)."""
+    if config.kind == "archive":
+        return ArchiveCatalog(archive, config)
+    if config.kind == "cds":
+        from lakepipe.archives.cds import CdsCatalog, CdsParams
+
+        return CdsCatalog(
+            CdsParams(table=config.table), config.columns, max_pm_mas_yr=config.max_pm_mas_yr
+        )
+    assert config.path is not None  # validated by CatalogConfig
     path = Path(config.path).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
@@ -75,7 +87,28 @@ def open_catalog(config: CatalogConfig, base_dir: Path | None = None) -> Referen
     return catalog_kinds.get(kind)(path, config)
 
 
+class ArchiveCatalog:
+    """The reference catalog an archive carries (``catalog: {kind: archive}``): the
+    virtual survey's Gaia-like catalog, read whole and cut to the cones."""
+
+    def __init__(self, archive: object | None, config: CatalogConfig) -> None:
+        if archive is None or not hasattr(archive, "catalog"):
+            raise UserError(
+                "catalog kind 'archive' needs a pipeline archive with a reference catalog "
+                "(archive: {kind: sim}); use a file path or kind: cds otherwise"
+            )
+        self.archive = archive
+        self.config = config
+        self.stats = ReadStats()
+
+    def read(self, cones: list[Cone], epoch_mjd: float | None = None) -> pa.Table:
+        raw = self.archive.catalog()  # type: ignore[attr-defined]
+        self.stats = ReadStats(rows_read=raw.num_rows)
+        return to_reference(raw, self.config.columns, cones, epoch_mjd)
+
+
 __all__ = [
+    "ArchiveCatalog",
     "CatalogConfig",
     "ColumnMap",
     "Cone",

@@ -40,13 +40,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from astropy_healpix import HEALPix
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lakepipe.astro.crossmatch import angular_separation_arcsec
 from lakepipe.astro.healpix import HATS_ORDER
 from lakepipe.catalogs.epoch import mjd_to_jyear, propagate_proper_motion
 
-CatalogKind = Literal["auto", "parquet", "csv", "fits", "hats"]
+CatalogKind = Literal["auto", "parquet", "csv", "fits", "hats", "archive", "cds"]
 MAX_RANGES = 64  # coarsen the HEALPix cover until a filter has at most this many ranges
 
 
@@ -102,8 +102,13 @@ class CatalogConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: CatalogKind = Field("auto", description="Format; auto guesses from the path")
-    path: str = Field(..., description="File or folder (relative to the spec file)")
+    kind: CatalogKind = Field(
+        "auto",
+        description="Format; auto guesses from the path. 'archive': the pipeline archive's "
+        "own reference catalog (the virtual survey's); 'cds': a VizieR table by cone",
+    )
+    path: str | None = Field(None, description="File or folder (relative to the spec file)")
+    table: str = Field("I/355/gaiadr3", description="VizieR table, for kind: cds")
     columns: ColumnMap = Field(default_factory=ColumnMap)
     max_pm_mas_yr: float = Field(
         10500.0,
@@ -112,6 +117,12 @@ class CatalogConfig(BaseModel):
         "moves 10.4 arcsec/yr); widens reads so stars moving into a region by the requested "
         "epoch are not missed",
     )
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> CatalogConfig:
+        if self.kind not in ("archive", "cds") and not self.path:
+            raise ValueError(f"catalog kind {self.kind!r} needs a path (file or folder)")
+        return self
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
-    uses_archive: ClassVar[bool] = False
+    uses_archive: bool = False  # a property where it depends on the params
 
     class Params(StageParams):
         pass

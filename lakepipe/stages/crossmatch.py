@@ -70,6 +70,11 @@ class CrossmatchStage(Stage):
     writes = ("crossmatches",)
     version = "1"
 
+    @property
+    def uses_archive(self) -> bool:  # type: ignore[override]
+        """The archive is an input only when it is also the reference catalog."""
+        return self.params.catalog.kind == "archive"
+
     class Params(StageParams):
         catalog: CatalogConfig = Field(..., description="Reference catalogue and its columns")
         radius_arcsec: float = Field(1.5, gt=0, le=3600, description="Match radius (arcsec)")
@@ -91,7 +96,7 @@ class CrossmatchStage(Stage):
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         p = self.params
         sources = ctx.lake.read("sources", partitions=[partition.key])
-        catalog = open_catalog(p.catalog, ctx.spec_dir)
+        catalog = open_catalog(p.catalog, ctx.spec_dir, ctx.archive)
         out = match_sources(
             sources,
             catalog,
