@@ -106,7 +106,6 @@ class SourcesStage(Stage):
     reads = ()
     optional_reads = ("cutouts", "exposures")
     writes = ("sources", "image_stats")
-    uses_archive = True
     version = "1"
 
     class Params(StageParams):
@@ -119,6 +118,11 @@ class SourcesStage(Stage):
         seeing: ph.SeeingParams = Field(default_factory=ph.SeeingParams)
         limiting_mag: ph.LimitingMagParams = Field(default_factory=ph.LimitingMagParams)
         forced: ForcedParams | None = Field(None, description="Forced photometry positions")
+
+    @property
+    def uses_archive(self) -> bool:  # type: ignore[override]
+        """Full exposures come from the archive; cutouts are files in the lake."""
+        return self.params.image == "exposure"
 
     @property
     def input_table(self) -> str:
