@@ -304,6 +304,33 @@ def execute_job(job: Job) -> JobResult:
 # -- planning -----------------------------------------------------------------------------
 
 
+BIG_FILE_BYTES = 64 << 20
+
+
+def files_state(paths: Iterable[Path]) -> list[list[str]]:
+    """What identifies the contents of external input files: SHA-256 of files up to
+    64 MiB, size and modification time of larger ones; folders by their files' relative
+    names. Paths themselves are not included (they are in the params already), so a
+    moved but identical file changes nothing."""
+    out: list[list[str]] = []
+    for path in [Path(p) for p in paths]:
+        if path.is_dir():
+            files = [(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*"))]
+        else:
+            files = [("", path)]
+        for name, f in files:
+            if not f.is_file():
+                if name == "":
+                    out.append([name, "missing"])
+                continue
+            st = f.stat()
+            if st.st_size <= BIG_FILE_BYTES:
+                out.append([name, hashlib.sha256(f.read_bytes()).hexdigest()])
+            else:
+                out.append([name, f"{st.st_size}:{st.st_mtime_ns}"])
+    return out
+
+
 def _stage_params_hash(
     loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, lake_root: str
 ) -> str:
@@ -327,6 +354,7 @@ def plan_stage(
     lake_root: str,
     force: bool,
     upstream_pending: bool = False,
+    external: list[list[str]] | None = None,
 ) -> list[PartitionPlan]:
     """Fingerprint each partition and decide run or skip, with the reason."""
     s = loaded.model.stages[name]
@@ -358,6 +386,8 @@ def plan_stage(
                 }
                 for t, keys in reads.items()
             }
+        if external:
+            basis = {**basis, "_external_files": external}
         inputs_hash = _hash(basis)
         fingerprint = _hash([code_version, params_hash, inputs_hash, p.key])
         entry = committed.get(p.key)
@@ -566,6 +596,7 @@ def _run_stage(
         lake_root=str(lake.root),
         force=force,
         upstream_pending=upstream_pending,
+        external=files_state(stage.input_files(ctx)),
     )
     by_part = {p.key: p for p in partitions}
     for plan in plans:

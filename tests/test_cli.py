@@ -87,6 +87,10 @@ def test_check_runs_diagnostics(built, cli, tmp_path):
     bad.write_text(failing)
     r = cli("check", bad, "-f", "csv")
     assert r.exit_code == 1 and "four_buckets,4,5.0,FAIL," in r.stdout
+    texty = spec.read_text().replace("select count(*) from toy_sums", "select 'many'")
+    bad.write_text(texty)
+    r = cli("check", bad, "-f", "csv")
+    assert r.exit_code == 1 and "expected a number, the query returned 'many'" in r.stdout
 
 
 def test_kinds_and_help_have_examples(cli):

@@ -161,3 +161,15 @@ def test_damaged_output_is_redone_even_when_unchanged(toy_spec, tmp_path):
     assert numbers.ok == 1 and numbers.skipped == 3
     [plan] = [p for p in numbers.plans if p.action == "run"]
     assert plan.key == "bucket=02" and plan.reason == "output damaged: flag file says so"
+
+
+def test_editing_an_external_input_file_reruns_the_stage(toy_spec, tmp_path):
+    data = tmp_path / "astrometry.psv"
+    data.write_text("version 1\n")
+    spec = toy_spec(numbers={"data_file": str(data)})
+    run_pipeline(spec, workers=1)
+    assert run_pipeline(spec, workers=1).executed == 0
+    data.write_text("version 2\n")  # same path, new contents
+    r = run_pipeline(spec, workers=1)
+    numbers = r.stages[0]
+    assert numbers.ok == 4 and {p.reason for p in numbers.plans} == {"input changed"}

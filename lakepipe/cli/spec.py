@@ -165,6 +165,12 @@ def check(
         except SQLError as exc:
             value, error = None, str(exc).splitlines()[0]
         exp = diag.expect
+        if value is not None and not isinstance(value, int | float):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                error = error or f"expected a number, the query returned {value!r}"
+                value = None
         if value is None:
             ok = False
         elif isinstance(exp, int | float):

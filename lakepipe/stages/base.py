@@ -125,6 +125,14 @@ class Stage:
         """Compute one partition: a table, or ``{table: table}`` for several outputs."""
         raise NotImplementedError
 
+    def input_files(self, ctx: StageContext) -> list[Path]:
+        """Files outside the lake this stage reads (astrometry, a reference catalog).
+
+        The runner folds their contents into every partition's fingerprint, so editing
+        such a file reruns the stage ("input changed") like a changed input table.
+        """
+        return []
+
     def verify_partition(self, ctx: StageContext, partition: Partition) -> str | None:
         """Why an unchanged, committed partition must still be redone, or None.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -86,6 +87,10 @@ class CrossmatchStage(Stage):
             6.0, ge=0, description="Count catalogue neighbours within this radius (arcsec)"
         )
         include_forced: bool = Field(False, description="Also match forced-photometry rows")
+
+    def input_files(self, ctx: StageContext) -> list[Path]:
+        path = self.params.catalog.path
+        return [ctx.resolve(path)] if path else []
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -215,6 +216,10 @@ class OrbitFitStage(Stage):
             if self.astrometry is None and not self.astrometry_sql:
                 raise ValueError("give astrometry: {path, format} and/or astrometry_sql")
             return self
+
+    def input_files(self, ctx: StageContext) -> list[Path]:
+        a = self.params.astrometry
+        return [ctx.resolve(a.path)] if a is not None else []
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         """One partition per hash bucket; each reads what the query may read."""

@@ -39,6 +39,7 @@ class ToyNumbersStage(Stage):
         fail_while: str | None = None  # fail_buckets fail only while this file exists
         need_file: str | None = None
         bad: str | None = None  # missing_column | wrong_type | null_key: break the contract
+        data_file: str | None = None  # an external input whose contents are fingerprinted
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         if self.params.need_file and not ctx.resolve(self.params.need_file).exists():
@@ -66,6 +67,9 @@ class ToyNumbersStage(Stage):
         elif self.params.bad == "null_key":
             cols["id"] = pa.array([None] * n, pa.int64())
         return pa.table(cols)
+
+    def input_files(self, ctx: StageContext) -> list[Path]:
+        return [ctx.resolve(self.params.data_file)] if self.params.data_file else []
 
     def verify_partition(self, ctx: StageContext, partition: Partition) -> str | None:
         flag = ctx.resolve(f"damaged-{partition.values['bucket']}")
