@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from lakepipe.astro.iod import gauss_iod
-from lakepipe.astro.kepler import propagate_kepler_each
+from lakepipe.astro.kepler import propagate_kepler, propagate_kepler_each
 from lakepipe.errors import UserError
 
 __all__ = [
@@ -111,9 +111,20 @@ class DynamicsModel:
         return self._sites[key]
 
     def predict(
-        self, states: np.ndarray, epoch_jd_tdb: float, mjd_utc: np.ndarray, obs_code: np.ndarray
+        self,
+        states: np.ndarray,
+        epoch_jd_tdb: float,
+        mjd_utc: np.ndarray,
+        obs_code: np.ndarray,
+        *,
+        two_body: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Astrometric (RA, Dec) in degrees of ``states`` (N, 6) at each observation: (N, M)."""
+        """Astrometric (RA, Dec) in degrees of ``states`` (N, 6) at each observation: (N, M).
+
+        ``two_body`` propagates with the Sun alone (universal variables): cheap and safe
+        for scoring trial orbits, some of which (spurious Gauss roots) graze the Earth and
+        would make the N-body integrator crawl.
+        """
         from lakepipe.astro.observe import apparent_geometry
 
         states = np.atleast_2d(np.asarray(states, dtype=np.float64))
@@ -124,7 +135,11 @@ class DynamicsModel:
         jd_tdb = np.empty(mjd_utc.size)
         for c, idx in groups.items():
             jd_tdb[idx] = sites[c][3]
-        helio_t = self.propagate(states, epoch_jd_tdb, jd_tdb)
+        if two_body:
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                helio_t = propagate_kepler(states, jd_tdb - epoch_jd_tdb)
+        else:
+            helio_t = self.propagate(states, epoch_jd_tdb, jd_tdb)
         ra = np.empty((states.shape[0], mjd_utc.size))
         dec = np.empty_like(ra)
         for c, idx in groups.items():
@@ -485,8 +500,9 @@ def initial_orbits(
     """Candidate initial states at the epoch by Gauss's method, best first.
 
     Every root of observation triplets (ends and middle first) is moved to the epoch and
-    scored by the weighted RMS of all residuals under the full model; near-duplicates are
-    dropped. Triplets stop once a candidate scores below ``good_score`` (RMS in sigmas).
+    scored by the weighted RMS of all residuals (two-body motion with light time: the
+    scores only rank the starts); near-duplicates are dropped. Triplets stop once a
+    candidate scores below ``good_score`` (RMS in sigmas).
     Returns up to ``max_candidates`` (state, weighted RMS) pairs.
     """
     t_tdb = utc_mjd_to_tdb_jd(obs.mjd_utc)
@@ -509,7 +525,10 @@ def initial_orbits(
         if not ok.any():
             continue
         at_epoch = at_epoch[ok]
-        ra, dec = model.predict(at_epoch, epoch_jd, obs.mjd_utc, obs.obs_code)
+        if isinstance(model, DynamicsModel):
+            ra, dec = model.predict(at_epoch, epoch_jd, obs.mjd_utc, obs.obs_code, two_body=True)
+        else:
+            ra, dec = model.predict(at_epoch, epoch_jd, obs.mjd_utc, obs.obs_code)
         for n in range(at_epoch.shape[0]):
             dra, ddec = _residuals(obs, ra[n], dec[n])
             xi = np.empty(2 * len(obs))
