@@ -42,6 +42,7 @@ class Request:
     target_id: str
     ra: float
     dec: float
+    size_arcsec: float | None = None  # per-target side (targets_sql); else the stage's
 
     @property
     def cutout_id(self) -> int:
@@ -199,7 +200,7 @@ class CutoutsStage(Stage):
         if missing:
             raise SQLError(
                 f"stage {self.name!r}: targets_sql must return target_id, ra, dec (optionally "
-                f"mjd, exposure_id); missing {', '.join(sorted(missing))} (got "
+                f"mjd, exposure_id, size_arcsec); missing {', '.join(sorted(missing))} (got "
                 f"{', '.join(t.column_names)})"
             )
         tid = [str(v) for v in t.column("target_id").to_pylist()]
@@ -212,6 +213,8 @@ class CutoutsStage(Stage):
             else np.full(n, np.nan)
         )
         eid_col = t.column("exposure_id").to_pylist() if "exposure_id" in names else [None] * n
+        size_col = t.column("size_arcsec").to_pylist() if "size_arcsec" in names else [None] * n
+        sizes = [None if v is None else float(v) for v in size_col]
         wanted = set(eids)
         out: list[Request] = []
         seen: set[tuple[int, str]] = set()
@@ -220,7 +223,7 @@ class CutoutsStage(Stage):
             e = eid_col[i]
             if e is not None and int(e) in wanted and (int(e), tid[i]) not in seen:
                 seen.add((int(e), tid[i]))
-                out.append(Request(int(e), tid[i], float(ra[i]) % 360.0, float(dec[i])))
+                out.append(Request(int(e), tid[i], float(ra[i]) % 360.0, float(dec[i]), sizes[i]))
         general = [i for i in range(n) if eid_col[i] is None]
         by_target: dict[str, list[int]] = {}
         for i in general:
@@ -237,7 +240,8 @@ class CutoutsStage(Stage):
                     pos = (float(ra[static[0]]), float(dec[static[0]]))
                 if pos is not None:
                     seen.add((e, target))
-                    out.append(Request(e, target, pos[0] % 360.0, pos[1]))
+                    size = max((sizes[i] for i in rows if sizes[i] is not None), default=None)
+                    out.append(Request(e, target, pos[0] % 360.0, pos[1], size))
         return out
 
     # -- run ------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ class CutoutsStage(Stage):
             "target_id": req.target_id,
             "ra": req.ra,
             "dec": req.dec,
-            "size_arcsec": float(self.params.size_arcsec),
+            "size_arcsec": self._size(req),
             "naxis1": None,
             "naxis2": None,
             "path": None,
@@ -307,7 +311,7 @@ class CutoutsStage(Stage):
         same = (
             abs(prev["ra"] - req.ra) < _SAME_POS_DEG
             and abs(prev["dec"] - req.dec) < _SAME_POS_DEG
-            and prev["size_arcsec"] == float(self.params.size_arcsec)
+            and prev["size_arcsec"] == self._size(req)
             and prev["exposure_id"] == req.exposure_id
             and prev["target_id"] == req.target_id
         )
@@ -320,8 +324,12 @@ class CutoutsStage(Stage):
         ctx.log.info("cutout %s: file %s missing or corrupt; fetching again", req, prev["path"])
         return None
 
+    def _size(self, req: Request) -> float:
+        """The request's own side (a ``size_arcsec`` column of targets_sql), else the stage's."""
+        return float(req.size_arcsec if req.size_arcsec is not None else self.params.size_arcsec)
+
     def _fetch(self, ctx: StageContext, req: Request) -> dict:
-        size = float(self.params.size_arcsec)
+        size = self._size(req)
         try:
             header, data, status = ctx.archive.cutout(req.exposure_id, req.ra, req.dec, size)
         except (LakepipeError, OSError) as exc:

@@ -439,3 +439,18 @@ def test_recovery_with_crossmatches(lake: Lake, archive: SimArchive, tmp_path: P
     assert ran == {"crossmatches", "recoveries"}
     sql = "select designation, exposure_id, source_id from recoveries where accepted order by all"
     assert Lake(root).reader().sql(sql).to_pylist() == lake.reader().sql(sql).to_pylist()
+
+
+def test_cutouts_take_their_planned_sizes(lake: Lake) -> None:
+    """Issue 6 item 7: each cutout is cut at its plan row's size (≥ tube diameter)."""
+    rows = (
+        lake.reader()
+        .sql(
+            "select p.size_arcsec as planned, c.size_arcsec as cut, p.radius_arcsec "
+            "from plan p join cutouts c on c.exposure_id = p.exposure_id "
+            "and c.target_id = p.target_id"
+        )
+        .to_pylist()
+    )
+    assert rows
+    assert all(r["cut"] == r["planned"] >= 2 * r["radius_arcsec"] for r in rows)
