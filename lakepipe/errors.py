@@ -9,7 +9,8 @@ bug and shows a traceback. Each class carries the CLI exit code it maps to::
     │   ├── UnknownKindError          no stage/archive/format registered under a name
     │   ├── SQLError                  SQL refused or invalid
     │   ├── InputNotFoundError        missing file, pipeline, table or partition
-    │   └── ParseError                malformed input data (astrometry lines, FITS, ...)
+    │   ├── ParseError                malformed input data (astrometry lines, FITS, ...)
+    │   └── OrbitFitError             observations cannot constrain an orbit
     ├── StageError (1)                a stage failed on a partition
     │   └── ContractError             a stage's output broke its table contract
     ├── ArchiveError (1)              an archive request failed (URL, status, attempts)
@@ -53,6 +54,10 @@ class InputNotFoundError(UserError):
 
 class ParseError(UserError):
     """Input data (an astrometry file, a FITS image, ...) is malformed."""
+
+
+class OrbitFitError(UserError):
+    """The observations cannot constrain an orbit (too few, too short an arc, singular)."""
 
 
 class StageError(LakepipeError):

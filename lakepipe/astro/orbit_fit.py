@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from lakepipe.astro.iod import gauss_iod
 from lakepipe.astro.kepler import propagate_kepler, propagate_kepler_each
-from lakepipe.errors import UserError
+from lakepipe.errors import OrbitFitError
 
 __all__ = [
     "DEFAULT_PERTURBERS",
@@ -57,10 +57,6 @@ __all__ = [
 DEFAULT_PERTURBERS = ("earth", "mars", "jupiter", "saturn")
 ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
 MJD_TO_JD = 2400000.5
-
-
-class OrbitFitError(UserError):
-    """The observations cannot constrain an orbit (too few, too short an arc, singular)."""
 
 
 class Predictor(Protocol):
