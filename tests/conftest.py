@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from lakepipe.archives.sim import SimArchive
+    from lakepipe.sim.emulator import ArchiveEmulator
 
 # Test-only stage kinds; set before lakepipe loads its registries (workers inherit it).
 os.environ.setdefault("LAKEPIPE_PLUGINS", "tests.toy")
@@ -68,6 +74,49 @@ def toy_spec(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+# -- the virtual survey behind the archive emulator (tests/archives, tests/sim) --------------
+
+
+@functools.cache
+def small_sim() -> SimArchive:
+    """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render.
+
+    One shared (read-only) instance per test session: its caches are warm after first use.
+    """
+    from lakepipe.archives.query import ExposureQuery
+    from lakepipe.archives.sim import SimArchive
+
+    sim = SimArchive.from_config(
+        naxis1=256,
+        naxis2=256,
+        n_nights=2,
+        n_fields=2,
+        visits_per_night=2,
+        filters=["zg", "zr"],
+        n_stars=3000,
+        defects=False,
+    )
+    # render once up front: the first image of a process pays one-off setup (Earth
+    # orientation tables) that must not eat into the HTTP timeouts of the tests
+    sim.image(sim.exposures(ExposureQuery()).column("exposure_id")[0].as_py())
+    return sim
+
+
+@pytest.fixture(scope="module")
+def survey() -> SimArchive:
+    """The shared small virtual survey."""
+    return small_sim()
+
+
+@pytest.fixture
+def emu(survey: SimArchive) -> Iterator[ArchiveEmulator]:
+    """A loopback archive emulator serving ``survey`` for one test."""
+    from lakepipe.sim.emulator import ArchiveEmulator
+
+    with ArchiveEmulator(survey) as e:
+        yield e
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -6,8 +6,6 @@ great-circle distance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,21 +13,8 @@ import pytest
 from lakepipe.archives.cds import CdsClient, CdsParams, cone_cover, parse_asu_tsv
 from lakepipe.archives.http import HttpParams
 from lakepipe.archives.query import angular_sep_deg
-from lakepipe.archives.sim import SimArchive
 from lakepipe.errors import ArchiveError
 from lakepipe.sim.emulator import ArchiveEmulator, Faults
-from tests.sim.test_emulator import small_sim
-
-
-@pytest.fixture(scope="module")
-def survey() -> SimArchive:
-    return small_sim()
-
-
-@pytest.fixture
-def emu(survey) -> Iterator[ArchiveEmulator]:
-    with ArchiveEmulator(survey) as e:
-        yield e
 
 
 def client(url: str, **kw: object) -> CdsClient:

@@ -7,7 +7,6 @@ and the same pixels as asking the survey directly.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from lakepipe.archives.ztf import (
 )
 from lakepipe.errors import ArchiveError
 from lakepipe.sim.emulator import ArchiveEmulator, Faults
-from tests.sim.test_emulator import small_sim
+from tests.conftest import small_sim
 
 WHERE = ExposureQuery(ra=150.02, dec=2.2, radius_deg=0.05, start="2025-01-01", end="2025-01-02")
 
@@ -47,17 +46,6 @@ def http_params(tmp_path=None, **kw: object) -> HttpParams:
 
 def archive(url: str, tmp_path=None, **kw: object) -> ZtfArchive:
     return ZtfArchive(ZtfArchive.Params(base_url=url, http=http_params(tmp_path, **kw)))
-
-
-@pytest.fixture(scope="module")
-def survey() -> SimArchive:
-    return small_sim()
-
-
-@pytest.fixture
-def emu(survey) -> Iterator[ArchiveEmulator]:
-    with ArchiveEmulator(survey) as e:
-        yield e
 
 
 def test_product_url_follows_irsa_rule() -> None:

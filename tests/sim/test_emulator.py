@@ -7,11 +7,9 @@ configuration; truth is what the survey answers directly.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ import requests
 from astropy.io import fits
 
 from lakepipe.archives.query import ExposureQuery, angular_sep_deg
-from lakepipe.archives.sim import SimArchive
 from lakepipe.sim.emulator import (
     IBE_SCI_COLUMNS,
     ArchiveEmulator,
@@ -31,40 +28,7 @@ from lakepipe.sim.emulator import (
 SEARCH = "/ibe/search/ztf/products/sci"
 
 
-@functools.cache
-def small_sim() -> SimArchive:
-    """Two fields, two nights, two visits, 256x256 images: 8 exposures, fast to render.
-
-    One shared (read-only) instance per test session: its caches are warm after first use.
-    """
-    sim = SimArchive.from_config(
-        naxis1=256,
-        naxis2=256,
-        n_nights=2,
-        n_fields=2,
-        visits_per_night=2,
-        filters=["zg", "zr"],
-        n_stars=3000,
-        defects=False,
-    )
-    # render once up front: the first image of a process pays one-off setup (Earth
-    # orientation tables) that must not eat into the HTTP timeouts of the tests
-    sim.image(sim.exposures(ExposureQuery()).column("exposure_id")[0].as_py())
-    return sim
-
-
 # -- tests -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def survey() -> SimArchive:
-    return small_sim()
-
-
-@pytest.fixture
-def emu(survey) -> Iterator[ArchiveEmulator]:
-    with ArchiveEmulator(survey) as e:
-        yield e
 
 
 def _csv_rows(text: str) -> list[dict]:
