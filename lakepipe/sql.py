@@ -10,6 +10,10 @@ false`` with ``allowed_directories``), so writes, ``ATTACH``, ``COPY``,
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
+
 import duckdb
 import pyarrow as pa
 
@@ -79,6 +83,11 @@ class LakeSQL:
                 continue
             self._create_view(con, contract)
         self._create_runs_view(con)
+        # DuckDB lets queries read its spill directory (default ``./.tmp`` under the
+        # working directory); point it at a private, empty one removed with the connection.
+        spill = tempfile.mkdtemp(prefix="lakepipe-duckdb-")
+        weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
+        con.execute(f"set temp_directory={_sql_str(spill + '/spill')}")
         root = str(self.lake.root).rstrip("/") + "/"
         con.execute(f"set allowed_directories=[{_sql_str(root)}]")
         con.execute("set enable_external_access=false")
@@ -143,7 +152,7 @@ class LakeSQL:
         con = self._con
         try:
             for st in statements[:-1]:
-                con.execute(st.query)
+                con.execute(st.query).fetchall()  # run and drain; only the last one returns
             return arrow_query(con, statements[-1].query)
         except duckdb.PermissionException as exc:
             raise SQLError(

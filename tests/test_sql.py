@@ -99,6 +99,21 @@ def test_sandbox_and_errors(lake, sql, pattern):
         LakeSQL(lake).query(sql)
 
 
+def test_duckdb_spill_directory_is_not_readable(lake, tmp_path, monkeypatch):
+    # DuckDB allows reads of its own temp directory (default ./.tmp under the working
+    # directory); a file planted there must stay out of reach of lake queries.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "secret.csv").write_text("a,b\nsecret,1\n")
+    with pytest.raises(SQLError, match="refused"):
+        LakeSQL(lake).query("select * from read_csv('.tmp/secret.csv')")
+
+
+def test_several_statements_return_the_last_result(lake):
+    t = LakeSQL(lake).query("select 1 as a; select count(*) as n from toy_numbers;")
+    assert t.to_pylist() == [{"n": 200}]
+
+
 def test_runs_tolerates_a_torn_last_line(lake):
     # a run killed mid-append leaves half a JSON line; the log must stay queryable
     log = lake.fs.abspath(lake.run_log_files()[0])
