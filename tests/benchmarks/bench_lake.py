@@ -68,6 +68,10 @@ def write_lake(root: str, partitions: int, rows: int, q: multiprocessing.Queue) 
 
     contract = register_contract(HERE / "bench_sources_like.yaml")
     lake = Lake(root)
+    # warm up outside the clock: the first contract look-up imports every stage module
+    # (plug-in registration), which is start-up cost, not write throughput
+    warm = prepare_table("bench", contract.name, make_partition(10**6, 1000), "night=warm-up")
+    lake.write_partition(contract, "night=warm-up", warm, "f" * 64)
     t_gen = 0.0
     t0 = time.perf_counter()
     commits = []
@@ -91,10 +95,14 @@ def write_lake(root: str, partitions: int, rows: int, q: multiprocessing.Queue) 
 
 def write_raw(root: str, partitions: int, rows: int, q: multiprocessing.Queue) -> None:
     """Raw pyarrow.dataset.write_dataset with the same partitioning and compression."""
-    t_gen = 0.0
-    t0 = time.perf_counter()
     fmt = ds.ParquetFileFormat()
     opts = fmt.make_write_options(compression="zstd")
+    warm = make_partition(10**6, 1000).append_column("night", pa.array(["warm-up"] * 1000))
+    ds.write_dataset(
+        warm, root + "-warm-up", format=fmt, file_options=opts
+    )  # same warm-up as the lake
+    t_gen = 0.0
+    t0 = time.perf_counter()
     for i in range(partitions):
         g = time.perf_counter()
         table = make_partition(i, rows)
@@ -162,10 +170,11 @@ def main() -> None:
     )
 
     from lakepipe.lake import Lake
-    from lakepipe.sql import LakeSQL
-    from lakepipe.tables import register_contract
+    from lakepipe.sql import LakeSQL, arrow_query
+    from lakepipe.tables import contracts, register_contract
 
     register_contract(HERE / "bench_sources_like.yaml")
+    contracts()  # import the stage plug-ins before timing the query layer's set-up
     lake = Lake(lake_root)
     rng = np.random.default_rng(0)
     exposures = pa.table(
@@ -199,7 +208,8 @@ def main() -> None:
     for name, q in queries.items():
         sql_lake = LakeSQL(lake)
         t_lake = best_of(lambda q=q, s=sql_lake: s.query(q.format(t="bench_sources")))
-        t_raw = best_of(lambda q=q: con.sql(q.format(t=raw_src)).fetchall())
+        # both sides return an Arrow table, the form LakeSQL.query hands to callers
+        t_raw = best_of(lambda q=q: arrow_query(con, q.format(t=raw_src)))
         a = LakeSQL(lake).query(q.format(t="bench_sources")).to_pylist()
         b = con.sql(q.format(t=raw_src)).fetchall()
         assert sorted(map(str, [tuple(r.values()) for r in a])) == sorted(map(str, b)), name
@@ -208,7 +218,10 @@ def main() -> None:
             f"query  {name:<20} lakepipe {t_lake * 1e3:8.1f} ms   raw DuckDB "
             f"{t_raw * 1e3:8.1f} ms   ratio {t_lake / t_raw:.2f}"
         )
-    print(f"query overhead (median ratio): {statistics.median(ratios):.2f}  [target <= 1.2]")
+    print(
+        f"query overhead: median ratio {statistics.median(ratios):.2f}, worst "
+        f"{max(ratios):.2f}  [target <= 1.2]"
+    )
     if not args.keep:
         shutil.rmtree(work)
 
