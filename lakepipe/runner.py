@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import re
 import time
 import traceback
 from collections.abc import Iterable
@@ -75,6 +76,8 @@ class StageReport:
     rows: int = 0
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
+    user_errors: dict[str, str] = field(default_factory=dict)  # the failures that were bad input
+    note: str = ""  # dry run: why the partition list is provisional, if it is
 
 
 @dataclass
@@ -96,8 +99,16 @@ class RunReport:
         return sum(s.ok + s.failed for s in self.stages)
 
     @property
+    def user_errors(self) -> list[str]:
+        """Messages of failed partitions that failed on bad input (a UserError)."""
+        return [e for s in self.stages for e in s.user_errors.values()]
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        """0 success; 2 when every failed partition failed on bad input; else 1."""
+        if not self.failed:
+            return 0
+        return 2 if len(self.user_errors) == self.failed else 1
 
 
 class RunObserver:
@@ -164,7 +175,13 @@ def _make_stage(loaded: LoadedSpec, name: str) -> Stage:
 
 
 def make_context(
-    lake: Lake, loaded: LoadedSpec, name: str, spec_json: str, spec_dir: str, manifest: Manifest
+    lake: Lake,
+    loaded: LoadedSpec,
+    name: str,
+    spec_json: str,
+    spec_dir: str,
+    manifest: Manifest,
+    reader: LakeReader | None = None,
 ) -> StageContext:
     stage = _make_stage(loaded, name)  # uses_archive may depend on the params
     archive = _archive(spec_json, spec_dir, str(lake.root)) if stage.uses_archive else None
@@ -175,7 +192,7 @@ def make_context(
         )
     return StageContext(
         stage_name=name,
-        lake=LakeReader(lake, manifest),
+        lake=reader or LakeReader(lake, manifest),
         files=lake.files,
         archive=archive,
         spec_dir=Path(spec_dir),
@@ -353,7 +370,6 @@ def plan_stage(
     spec_dir: str,
     lake_root: str,
     force: bool,
-    upstream_pending: bool = False,
     external: list[list[str]] | None = None,
 ) -> list[PartitionPlan]:
     """Fingerprint each partition and decide run or skip, with the reason."""
@@ -406,8 +422,6 @@ def plan_stage(
             action, reason = "run", "params changed"
         else:
             action, reason = "run", "input changed"
-        if action == "skip" and upstream_pending:
-            reason = "unchanged (an upstream stage will run first; may rerun)"
         plans.append(
             PartitionPlan(
                 stage=name,
@@ -422,6 +436,80 @@ def plan_stage(
             )
         )
     return plans
+
+
+# -- dry runs ------------------------------------------------------------------------------
+
+
+class _DryRun:
+    """What a dry run assumes the run would have committed so far.
+
+    A real run plans each stage after its upstream stages have committed, against their
+    new fingerprints. A dry run computes nothing, so it plans downstream stages against
+    an in-memory overlay of the manifest in which every partition planned to run carries
+    the fingerprint it would be committed with (and planned removals are gone). That is
+    exact for fingerprints, which do not depend on output rows; a partition list that is
+    computed from upstream *rows* is not, and :class:`_DryRunReader` notices those.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = Manifest(
+            tables={t: dict(parts) for t, parts in manifest.tables.items()},
+            failures=manifest.failures,
+        )
+        self.committed = manifest
+        self.changed: dict[str, str] = {}  # table -> stage that would rewrite it
+
+    def apply(
+        self, name: str, writes: Iterable[str], plans: list[PartitionPlan], removals: list
+    ) -> None:
+        """Record what stage ``name`` would commit."""
+        for table in writes:
+            parts = self.manifest.tables.setdefault(table, {})
+            for p in plans:
+                if p.action != "run":
+                    continue
+                old = parts.get(p.key)
+                if old is not None and old.fingerprint == p.fingerprint:
+                    continue  # forced, retried or repaired: same inputs, same rows
+                self.changed[table] = name
+                parts[p.key] = PartitionEntry(
+                    files=[],  # rows unknown until it runs; listing-by-rows is flagged
+                    rows=0,
+                    fingerprint=p.fingerprint,
+                    stage=name,
+                    code_version=p.code_version,
+                    params_hash=p.params_hash,
+                    inputs_hash=p.inputs_hash,
+                    run_id="(dry run)",
+                )
+        for table, key in removals:
+            self.manifest.tables.get(table, {}).pop(key, None)
+            self.changed[table] = name
+
+    def reader(self, lake: Lake) -> _DryRunReader:
+        return _DryRunReader(lake, self)
+
+
+class _DryRunReader(LakeReader):
+    """The overlay's partition keys for listing; committed rows for reads, noting every
+    read of a table an upstream stage would rewrite (the listing is then provisional)."""
+
+    def __init__(self, lake: Lake, dry: _DryRun) -> None:
+        super().__init__(lake, dry.manifest)
+        self.dry = dry
+        self.rows_read: set[str] = set()
+
+    def read(self, table: str, *args: Any, **kwargs: Any) -> pa.Table:
+        if table in self.dry.changed:
+            self.rows_read.add(table)
+        return LakeReader(self.lake, self.dry.committed).read(table, *args, **kwargs)
+
+    def sql(self, query: str) -> pa.Table:
+        for table in self.dry.changed:
+            if re.search(rf"\b{re.escape(table)}\b", query, flags=re.I):
+                self.rows_read.add(table)
+        return LakeReader(self.lake, self.dry.committed).sql(query)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -479,12 +567,12 @@ def run_pipeline(
     runlog = _RunLog(lake_obj, run_id, loaded.resolved_yaml())
     lock = lake_obj.lock("run") if not dry_run else contextlib.nullcontext()
     with lock:
-        pending_stages: set[str] = set()
+        dry = _DryRun(lake_obj.manifest()) if dry_run else None
+        selected = [n for n in order if not only_set or n in only_set]
         try:
-            for name in order:
-                if only_set and name not in only_set:
-                    continue
-                sreport, ran = _run_stage(
+            preflight(lake_obj, loaded, selected, spec_json=spec_json, spec_dir=spec_dir)
+            for name in selected:
+                sreport = _run_stage(
                     lake_obj,
                     loaded,
                     name,
@@ -492,18 +580,30 @@ def run_pipeline(
                     spec_dir=spec_dir,
                     run_id=run_id,
                     force=name in force_set,
-                    dry_run=dry_run,
-                    upstream_pending=bool(pending_stages & set(model.stages[name].inputs)),
+                    dry=dry,
                     pools=pools,
                     observer=observer,
                     log=runlog,
                 )
                 report.stages.append(sreport)
-                if ran:
-                    pending_stages.add(name)
         finally:
             pools.shutdown()
     return report
+
+
+def preflight(
+    lake: Lake, loaded: LoadedSpec, names: Iterable[str], *, spec_json: str, spec_dir: str
+) -> None:
+    """Call every stage's :meth:`Stage.preflight` before any partition runs.
+
+    A bad input (an unparsable astrometry file, SQL that does not parse) then stops the
+    run with its :class:`UserError` (exit 2) and the lake untouched, instead of failing
+    every partition one by one. Stages see the lake as committed before the run.
+    """
+    manifest = lake.manifest()
+    for name in names:
+        stage = _make_stage(loaded, name)
+        stage.preflight(make_context(lake, loaded, name, spec_json, spec_dir, manifest))
 
 
 class _RunLog:
@@ -550,18 +650,19 @@ def _run_stage(
     spec_dir: str,
     run_id: str,
     force: bool,
-    dry_run: bool,
-    upstream_pending: bool,
+    dry: _DryRun | None,
     pools: _PoolHolder,
     observer: RunObserver,
     log: _RunLog,
-) -> tuple[StageReport, bool]:
+) -> StageReport:
     s = loaded.model.stages[name]
     cls = stage_class(s)
     report = StageReport(name=name, kind=cls.kind)
-    manifest = lake.manifest()
+    dry_run = dry is not None
+    manifest = dry.manifest if dry is not None else lake.manifest()
+    reader = dry.reader(lake) if dry is not None else None
     stage = _make_stage(loaded, name)
-    ctx = make_context(lake, loaded, name, spec_json, spec_dir, manifest)
+    ctx = make_context(lake, loaded, name, spec_json, spec_dir, manifest, reader)
     t_stage = time.perf_counter()
     try:
         partitions = list(stage.partitions(ctx))
@@ -582,7 +683,7 @@ def _run_stage(
             lake.record_failures(name, {"*": msg})
         observer.stage_started(name, [])
         observer.stage_finished(report)
-        return report, False
+        return report
     keys = [p.key for p in partitions]
     if len(set(keys)) != len(keys):
         raise StageError(f"stage {name!r} listed duplicate partitions", stage=name)
@@ -595,7 +696,6 @@ def _run_stage(
         spec_dir=spec_dir,
         lake_root=str(lake.root),
         force=force,
-        upstream_pending=upstream_pending,
         external=files_state(stage.input_files(ctx)),
     )
     by_part = {p.key: p for p in partitions}
@@ -616,9 +716,17 @@ def _run_stage(
     todo = [p for p in plans if p.action == "run"]
     report.skipped = len(plans) - len(todo)
     observer.stage_started(name, plans)
-    if dry_run:
+    if dry is not None:
+        if reader is not None and reader.rows_read:
+            tables = sorted(reader.rows_read)
+            writers_ = sorted({dry.changed[t] for t in tables})
+            report.note = (
+                f"partition list not known until {', '.join(writers_)} run(s): it is computed "
+                f"from the rows of {', '.join(tables)}; listed here from the committed rows"
+            )
+        dry.apply(name, cls.writes, plans, removals)
         observer.stage_finished(report)
-        return report, bool(todo)
+        return report
     for p in plans:
         if p.action == "skip":
             log(
@@ -662,6 +770,8 @@ def _run_stage(
         else:
             report.failed += 1
             report.errors[res.key] = res.error
+            if res.user_error:
+                report.user_errors[res.key] = f"stage {name!r}, partition {res.key}: {res.error}"
             failed[res.key] = res.error.splitlines()[0] if res.error else "failed"
         observer.partition_done(name, res.key, status, res.rows, res.error)
         if time.perf_counter() - last_commit >= COMMIT_INTERVAL_S:
@@ -685,7 +795,7 @@ def _run_stage(
     lake.record_failures(name, failed)
     report.seconds = time.perf_counter() - t_stage
     observer.stage_finished(report)
-    return report, bool(todo) or bool(removals)
+    return report
 
 
 def _record(

@@ -173,3 +173,135 @@ def test_editing_an_external_input_file_reruns_the_stage(toy_spec, tmp_path):
     r = run_pipeline(spec, workers=1)
     numbers = r.stages[0]
     assert numbers.ok == 4 and {p.reason for p in numbers.plans} == {"input changed"}
+
+
+def _chain(toy_spec, **stage_params: dict) -> Path:
+    """numbers -> sums -> total: a three-stage chain (narrow reads, then reads-all)."""
+    import yaml
+
+    spec = toy_spec(**stage_params)
+    raw = yaml.safe_load(spec.read_text())
+    raw["stages"]["total"] = {"kind": "toy_total", "inputs": ["sums"]}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec
+
+
+def _plans(report) -> dict[tuple[str, str], tuple[str, str]]:
+    return {(p.stage, p.key): (p.action, p.reason) for s in report.stages for p in s.plans}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # upstream param: every downstream partition reruns because its input changed
+        (
+            ["stages.numbers.scale=2"],
+            {("numbers", "bucket=00"): ("run", "params changed")}
+            | {("sums", f"bucket=0{b}"): ("run", "input changed") for b in range(4)}
+            | {("total", ""): ("run", "input changed")},
+        ),
+        # a new upstream partition is listed downstream as new, before it exists
+        (
+            ["stages.numbers.buckets=5"],
+            {("numbers", "bucket=04"): ("run", "new"), ("sums", "bucket=04"): ("run", "new")}
+            | {("sums", "bucket=01"): ("run", "input changed")}
+            | {("total", ""): ("run", "input changed")},
+        ),
+        # middle stage only: upstream skips, downstream of it reruns
+        (
+            ["stages.sums.offset=1"],
+            {("numbers", "bucket=02"): ("skip", "unchanged")}
+            | {("sums", "bucket=02"): ("run", "params changed")}
+            | {("total", ""): ("run", "input changed")},
+        ),
+        # dropping partitions: the removal changes what total reads
+        (
+            ["stages.numbers.buckets=3"],
+            {
+                ("sums", "bucket=02"): ("run", "input changed"),
+                ("total", ""): ("run", "input changed"),
+            },
+        ),
+    ],
+    ids=["upstream-param", "new-partition", "middle-param", "removed-partition"],
+)
+def test_dry_run_predicts_the_real_run_down_the_chain(toy_spec, overrides, expected):
+    # Truth: the real run's own plan (reasons per partition), made right after the dry run.
+    spec = _chain(toy_spec)
+    run_pipeline(spec, workers=1)
+    dry = run_pipeline(spec, workers=1, overrides=overrides, dry_run=True)
+    predicted = _plans(dry)
+    for key, value in expected.items():
+        assert predicted[key] == value, key
+    assert not any(s.note for s in dry.stages)  # every list was known from partition keys
+    real = run_pipeline(spec, workers=1, overrides=overrides)
+    assert _plans(real) == predicted
+    assert run_pipeline(spec, workers=1, overrides=overrides).executed == 0
+
+
+def test_dry_run_says_when_a_partition_list_depends_on_upstream_rows(toy_spec):
+    spec = _chain(toy_spec, sums={"list_from_rows": True})
+    run_pipeline(spec, workers=1)
+    dry = run_pipeline(spec, workers=1, overrides=["stages.numbers.buckets=5"], dry_run=True)
+    by = {s.name: s for s in dry.stages}
+    assert by["numbers"].note == "" and by["total"].note == ""
+    assert by["sums"].note.startswith("partition list not known until numbers run(s)")
+    assert "rows of toy_numbers" in by["sums"].note
+    # listed from committed rows: 4 buckets, all with changed inputs; the real run lists 5
+    assert {p.key: p.reason for p in by["sums"].plans} == {
+        f"bucket=0{b}": "input changed" for b in range(4)
+    }
+    real = run_pipeline(spec, workers=1, overrides=["stages.numbers.buckets=5"])
+    sums = {s.name: s for s in real.stages}["sums"]
+    assert sums.ok == 5 and sums.note == ""
+    # with nothing upstream pending, the row-based listing is exact: no note
+    again = run_pipeline(spec, workers=1, overrides=["stages.numbers.buckets=5"], dry_run=True)
+    assert not any(s.note for s in again.stages) and again.executed == 0
+
+
+def test_preflight_stops_the_run_before_any_partition(toy_spec, tmp_path):
+    # Truth: the lake's files are byte-identical afterwards, and the run log has no entry.
+    from lakepipe.errors import InputNotFoundError, ParseError
+    from tests.conftest import tree_digest
+
+    good = _chain(toy_spec)
+    run_pipeline(good, workers=1)
+    lake_dir = tmp_path / "lake"
+    before = tree_digest(lake_dir)
+    checked = tmp_path / "checked.txt"
+    checked.write_text("garbage\n")
+    # a downstream-only change, so the bad upstream file is caught before sums would run
+    over = [f"stages.numbers.checked_file={checked}", "stages.sums.offset=9"]
+    with pytest.raises(ParseError, match=r"checked.txt:1: expected 'ok'"):
+        run_pipeline(good, workers=1, overrides=over)
+    with pytest.raises(ParseError):
+        run_pipeline(good, workers=1, overrides=over, dry_run=True)
+    checked.unlink()
+    with pytest.raises(InputNotFoundError, match=r"fix stages.numbers.checked_file"):
+        run_pipeline(good, workers=1, overrides=over)
+    assert tree_digest(lake_dir) == before
+    checked.write_text("ok\n")
+    assert run_pipeline(good, workers=1, overrides=over).exit_code == 0
+
+
+def test_partitions_failing_on_bad_input_exit_2_and_are_logged(toy_spec):
+    r = run_pipeline(toy_spec(numbers={"bad_input_buckets": [1, 3]}), workers=1)
+    numbers = r.stages[0]
+    assert (numbers.ok, numbers.failed) == (2, 2)
+    assert r.exit_code == 2  # every failure was bad input
+    assert r.user_errors[0] == (
+        "stage 'numbers', partition bucket=01: ParseError: toy input of bucket 1 is "
+        "malformed; fix bucket 1"
+    )
+    statuses = runs_of(Lake(r.lake), r.run_id)
+    assert statuses[("numbers", "failed")] == 2 and statuses[("numbers", "ok")] == 2
+
+
+def test_mixed_failures_exit_1(toy_spec, tmp_path):
+    flag = tmp_path / "down"
+    flag.write_text("")
+    spec = toy_spec(
+        numbers={"bad_input_buckets": [1], "fail_buckets": [2], "fail_while": str(flag)}
+    )
+    r = run_pipeline(spec, workers=1)
+    assert r.failed == 2 and len(r.user_errors) == 1 and r.exit_code == 1

@@ -92,20 +92,28 @@ def run(
         observer=RunObserver() if dry_run else ProgressObserver(progress),
     )
     if dry_run:
-        rows = [
-            {
-                "stage": p.stage,
-                "partition": p.key or "(all)",
-                "action": p.action,
-                "reason": p.reason,
-            }
-            for s in report.stages
-            for p in s.plans
-        ] + [
-            {"stage": s.name, "partition": "*", "action": "fail", "reason": s.errors["*"]}
-            for s in report.stages
-            if "*" in s.errors
-        ]
+        rows = (
+            [
+                {
+                    "stage": p.stage,
+                    "partition": p.key or "(all)",
+                    "action": p.action,
+                    "reason": p.reason,
+                }
+                for s in report.stages
+                for p in s.plans
+            ]
+            + [
+                {"stage": s.name, "partition": "*", "action": "fail", "reason": s.errors["*"]}
+                for s in report.stages
+                if "*" in s.errors
+            ]
+            + [
+                {"stage": s.name, "partition": "*", "action": "unknown", "reason": s.note}
+                for s in report.stages
+                if s.note
+            ]
+        )
         table = pa.Table.from_pylist(
             rows,
             schema=pa.schema(
@@ -129,6 +137,8 @@ def run(
             ]
         )
     write_output(table, fmt, None, ExportMeta(options={"width": 200}))
+    if report.exit_code == 2:  # every failure was bad input: say which, like other user errors
+        err_console().print(f"lakepipe: error: {report.user_errors[0]}", markup=False)
     if not dry_run:
         err_console().print(
             f"run {report.run_id}: lake {report.lake}"

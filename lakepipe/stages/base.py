@@ -15,6 +15,9 @@ A stage kind is a small class registered under its YAML ``kind`` name::
         class Params(StageParams):
             size_arcsec: float = Field(600.0, gt=0, description="Cutout side (arcsec)")
 
+        def preflight(self, ctx: StageContext) -> None:   # optional: check inputs early
+            ...                                            # raise a UserError naming the fix
+
         def partitions(self, ctx: StageContext) -> list[Partition]:
             return [Partition.of(night=n) for n in ctx.lake.partition_values("exposures", "night")]
 
@@ -116,6 +119,18 @@ class Stage:
     def __init__(self, name: str, params: StageParams) -> None:
         self.name = name
         self.params = params
+
+    def preflight(self, ctx: StageContext) -> None:
+        """Check user inputs (files, SQL) before any partition runs; raise a UserError
+        subclass naming the file/key and the fix.
+
+        The runner calls it for every stage of a run (dry runs too) before any partition
+        executes, so a bad input stops the run with exit 2 and the lake untouched instead
+        of failing every partition. ``lakepipe validate`` calls it as well, with the
+        spec's lake as committed (possibly empty) and ``ctx.archive`` None: check files
+        and syntax here, not upstream rows or the archive. The default does nothing.
+        """
+        return None
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         """Output partitions, listed from the inputs (or the archive)."""

@@ -1,8 +1,8 @@
 """Test-only stage kinds (registered through ``LAKEPIPE_PLUGINS=tests.toy``).
 
 ``toy_numbers`` writes deterministic rows per bucket; ``toy_sums`` sums them per
-bucket. They exercise the runner, lake and CLI without any astronomy; nothing here
-ships in the package.
+bucket; ``toy_total`` adds the sums up (one unpartitioned row). They exercise the
+runner, lake and CLI without any astronomy; nothing here ships in the package.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from lakepipe.errors import InputNotFoundError
+from lakepipe.errors import InputNotFoundError, ParseError
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 from lakepipe.tables import register_contract
 
@@ -40,6 +40,20 @@ class ToyNumbersStage(Stage):
         need_file: str | None = None
         bad: str | None = None  # missing_column | wrong_type | null_key: break the contract
         data_file: str | None = None  # an external input whose contents are fingerprinted
+        checked_file: str | None = None  # must exist and read "ok": checked by preflight()
+        bad_input_buckets: list[int] = Field(default_factory=list)  # fail with a ParseError
+
+    def preflight(self, ctx: StageContext) -> None:
+        if self.params.checked_file is None:
+            return
+        path = ctx.resolve(self.params.checked_file)
+        if not path.is_file():
+            raise InputNotFoundError(
+                f"stage {self.name!r}: checked_file {path} not found; fix stages.{self.name}."
+                "checked_file"
+            )
+        if path.read_text().strip() != "ok":
+            raise ParseError(f"{path}:1: expected 'ok'; fix the file")
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         if self.params.need_file and not ctx.resolve(self.params.need_file).exists():
@@ -51,6 +65,8 @@ class ToyNumbersStage(Stage):
         flag = self.params.fail_while
         if b in self.params.fail_buckets and (flag is None or ctx.resolve(flag).exists()):
             raise RuntimeError(f"toy failure in bucket {b}")
+        if b in self.params.bad_input_buckets:
+            raise ParseError(f"toy input of bucket {b} is malformed; fix bucket {b}")
         time.sleep(self.params.sleep_s)
         rng = np.random.default_rng([self.params.seed, b])
         n = self.params.rows
@@ -85,16 +101,39 @@ class ToySumsStage(Stage):
 
     class Params(StageParams):
         offset: float = 0.0
+        list_from_rows: bool = False  # list buckets from toy_numbers' rows, not its keys
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
-        return [
-            Partition.of(reads={"toy_numbers": [f"bucket={b}"]}, bucket=b)
-            for b in ctx.lake.partition_values("toy_numbers", "bucket")
-        ]
+        if self.params.list_from_rows:
+            col = ctx.lake.read("toy_numbers", columns=["bucket"]).column("bucket")
+            buckets = sorted(set(col.to_pylist()))
+        else:
+            buckets = ctx.lake.partition_values("toy_numbers", "bucket")
+        return [Partition.of(reads={"toy_numbers": [f"bucket={b}"]}, bucket=b) for b in buckets]
 
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         t = ctx.lake.read("toy_numbers", partitions=[partition.key])
         total = float(np.sum(t.column("value").to_numpy())) + self.params.offset
         return pa.table(
             {"bucket": [partition.values["bucket"]], "n": [t.num_rows], "total": [total]}
+        )
+
+
+@register_stage("toy_total")
+class ToyTotalStage(Stage):
+    """The sum of every toy_sums row (test-only); one unpartitioned row, reads everything."""
+
+    reads = ("toy_sums",)
+    writes = ("toy_totals",)
+
+    def partitions(self, ctx: StageContext) -> list[Partition]:
+        return [Partition(key="")]
+
+    def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
+        t = ctx.lake.read("toy_sums")
+        return pa.table(
+            {
+                "n": [int(np.sum(t.column("n").to_numpy()))],
+                "total": [float(np.sum(t.column("total").to_numpy()))],
+            }
         )
