@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lakepipe.astro import orbit_fit as of
 from lakepipe.astro.astrometry import ASTROMETRY_SCHEMA, read_astrometry
-from lakepipe.errors import LakepipeError, SQLError, StageError
+from lakepipe.errors import LakepipeError, SQLError, StageError, UserError
+from lakepipe.registry import did_you_mean
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 from lakepipe.stages.lightcurves import bucket_of
 
 DEFAULT_BUCKETS = 4
 STATE_COLUMNS = ("x_au", "y_au", "z_au", "vx_au_d", "vy_au_d", "vz_au_d")
+# DE421 bodies the N-body integrator can add as perturbers
+# (lakepipe.astro.nbody.PERTURBER_NAMES; a test keeps the two lists equal).
+Perturber = Literal[
+    "mercury", "venus", "earth", "moon", "earthmoon", "mars",
+    "jupiter", "saturn", "uranus", "neptune", "pluto",
+]  # fmt: skip
+PERTURBERS: tuple[str, ...] = get_args(Perturber)
 ELEMENT_COLUMNS = ("a_au", "e", "inc_deg", "node_deg", "argperi_deg", "mean_anomaly_deg", "q_au")
 
 
@@ -200,8 +208,9 @@ class OrbitFitStage(Stage):
         )
         designations: list[str] | None = Field(None, description="Fit only these objects")
         epoch_mjd_tdb: float | None = Field(None, description="Epoch (MJD TDB); default mid-arc")
-        perturbers: list[str] = Field(
-            list(of.DEFAULT_PERTURBERS), description="DE421 bodies perturbing the orbit"
+        perturbers: list[Perturber] = Field(
+            list(of.DEFAULT_PERTURBERS),
+            description="DE421 bodies perturbing the orbit (the Sun is always the centre)",
         )
         reject_outliers: bool = Field(True, description="Carpino et al. (2003) rejection")
         chi2_reject: float = Field(8.0, gt=0, description="Reject above this chi^2")
@@ -210,6 +219,21 @@ class OrbitFitStage(Stage):
         skip_unconstrained: bool = Field(False, description="Leave out unfittable objects")
         g_slope: float = Field(0.15, description="IAU G slope for the H estimate")
         buckets: int = Field(DEFAULT_BUCKETS, ge=1, le=256, description="Hash buckets")
+
+        @field_validator("perturbers", mode="before")
+        @classmethod
+        def _known_bodies(cls, value: Any) -> Any:
+            """Unknown bodies get a did-you-mean and the list of supported ones."""
+            if isinstance(value, list):
+                for body in value:
+                    if isinstance(body, str) and body not in PERTURBERS:
+                        raise ValueError(
+                            f"unknown perturber {body!r}.{did_you_mean(body, list(PERTURBERS))}"
+                            f" Available: {', '.join(PERTURBERS)}"
+                        )
+                if len(set(value)) != len(value):
+                    raise ValueError(f"perturbers listed twice: {value}")
+            return value
 
         @model_validator(mode="after")
         def _need_input(self) -> OrbitFitStage.Params:
@@ -220,6 +244,35 @@ class OrbitFitStage(Stage):
     def input_files(self, ctx: StageContext) -> list[Path]:
         a = self.params.astrometry
         return [ctx.resolve(a.path)] if a is not None else []
+
+    def preflight(self, ctx: StageContext) -> None:
+        """Read and check the astrometry file once, before any bucket runs.
+
+        A missing file, a malformed line or an unknown observatory code raises the
+        reader's :class:`~lakepipe.errors.UserError` (``file:line: ...``), prefixed with
+        this stage's name and the fix, instead of failing every hash bucket with the same
+        error. Objects named in ``designations`` must occur in the file (when there is no
+        ``astrometry_sql`` that could supply them).
+        """
+        p = self.params
+        if p.astrometry is None:
+            return
+        path = ctx.resolve(p.astrometry.path)
+        try:
+            obs = read_astrometry(path, p.astrometry.format)
+        except UserError as exc:
+            raise type(exc)(
+                f"stage {self.name!r}: {exc} (fix the file, or the spec's "
+                f"stages.{self.name}.astrometry path/format)"
+            ) from exc
+        if p.designations is not None and not p.astrometry_sql:
+            have = set(obs.column("designation").to_pylist())
+            missing = [d for d in p.designations if d not in have]
+            if missing:
+                raise UserError(
+                    f"stage {self.name!r}: designations {missing} do not occur in {path} "
+                    f"(it holds: {', '.join(sorted(have))})"
+                )
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         """One partition per hash bucket; each reads what the query may read."""

@@ -454,3 +454,100 @@ def test_cutouts_take_their_planned_sizes(lake: Lake) -> None:
     )
     assert rows
     assert all(r["cut"] == r["planned"] >= 2 * r["radius_arcsec"] for r in rows)
+
+
+def _fit_stage(tmp_path: Path, path: str, **params: object) -> tuple[OrbitFitStage, StageContext]:
+    stage = OrbitFitStage(
+        "orbits", OrbitFitStage.Params(astrometry={"path": path}, buckets=4, **params)
+    )
+    lake = Lake(tmp_path / "lake")
+    ctx = StageContext(stage_name="orbits", lake=lake.reader(), files=lake.files,
+                       spec_dir=tmp_path)  # fmt: skip
+    return stage, ctx
+
+
+BAD_ASTROMETRY = [
+    # (file name, contents, error class, message pattern naming file:line and the cause)
+    ("badcode.csv",
+     "designation,t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n"
+     "X1,60676.40,150.0,2.0,0.2,I41\nX1,60677.40,150.05,2.01,0.2,Q99\n",
+     "ParseError", r"badcode\.csv:3: observatory code 'Q99'.*LAKEPIPE_OBSCODES"),
+    ("badline.csv",
+     "designation,t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n"
+     "X1,60676.40,150.0,2.0,0.2,I41\nX1,60677.40,150.05,95.0,0.2,I41\n",
+     "ParseError", r"badline\.csv:3: dec_deg out of range"),
+    ("short.mpc80", "     K23M05Q  C2023 07 06.01231 18 12 31.538+40 36 42.37\n",
+     "ParseError", r"short\.mpc80:1: MPC record is 56 columns, expected 80"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "cls", "pattern"), BAD_ASTROMETRY)
+def test_preflight_names_file_and_line(
+    tmp_path: Path, name: str, text: str, cls: str, pattern: str
+) -> None:
+    """preflight reads the astrometry once and raises the reader's UserError (exit 2)
+    naming the stage, file and line, before any bucket runs."""
+    (tmp_path / name).write_text(text)
+    stage, ctx = _fit_stage(tmp_path, name)
+    with pytest.raises(UserError, match=pattern) as info:
+        stage.preflight(ctx)
+    assert type(info.value).__name__ == cls and info.value.exit_code == 2
+    assert str(info.value).startswith("stage 'orbits': ")
+
+
+def test_preflight_missing_file_and_designations(tmp_path: Path) -> None:
+    """A missing file is InputNotFoundError (exit 2) with its path; designations that the
+    file does not hold are named; a good file passes silently."""
+    stage, ctx = _fit_stage(tmp_path, "nope.psv")
+    with pytest.raises(UserError, match=r"astrometry file not found: .*nope\.psv") as info:
+        stage.preflight(ctx)
+    assert info.value.exit_code == 2
+    shutil.copy(SPEC.parent / "neo-recovery.psv", tmp_path / "neo-recovery.psv")
+    stage, ctx = _fit_stage(tmp_path, "neo-recovery.psv", designations=["SIM0001", "SIM9"])
+    with pytest.raises(UserError, match=r"\['SIM9'\] do not occur.*SIM0001, SIM0002, SIM0003"):
+        stage.preflight(ctx)
+    stage, ctx = _fit_stage(tmp_path, "neo-recovery.psv")
+    assert stage.preflight(ctx) is None
+
+
+def test_run_with_bad_astrometry_exits_2_once(tmp_path: Path, cli) -> None:
+    """Through ``lakepipe run``: a bad observatory code exits 2 with file:line, printed once
+    (not once per hash bucket). Needs the runner to call Stage.preflight."""
+    import inspect
+
+    import lakepipe.runner
+
+    if "preflight" not in inspect.getsource(lakepipe.runner):
+        pytest.skip("the runner does not call Stage.preflight yet")
+    name, text = BAD_ASTROMETRY[0][:2]
+    (tmp_path / name).write_text(text)
+    spec = {"name": "badfit", "lake": str(tmp_path / "lake"),
+            "stages": {"orbits": {"kind": "orbit_fit", "astrometry": {"path": name},
+                                  "buckets": 4}}}  # fmt: skip
+    path = tmp_path / "badfit.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = cli("run", path)
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert r.stderr.count("badcode.csv:3: observatory code 'Q99'") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_perturbers_are_checked_by_validate(tmp_path: Path, cli) -> None:
+    """``perturbers`` takes only the DE421 bodies the integrator supports: a typo fails
+    ``lakepipe validate`` (exit 2) with the line, a did-you-mean and the list."""
+    from lakepipe.astro.nbody import PERTURBER_NAMES
+    from lakepipe.stages.orbit_fit import PERTURBERS
+
+    assert PERTURBERS == PERTURBER_NAMES
+    spec = yaml.safe_load(SPEC.read_text())
+    assert spec["stages"]["orbits"]["perturbers"] == ["earth", "mars", "jupiter", "saturn"]
+    spec["stages"]["orbits"]["perturbers"] = ["earth", "jupyter"]
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copy(SPEC.parent / "neo-recovery.psv", tmp_path / "neo-recovery.psv")
+    r = cli("validate", path)
+    assert r.exit_code == 2, r.stdout + r.stderr
+    out = r.stdout + r.stderr  # validate reports its findings on stdout
+    assert "stages.orbits.perturbers" in out
+    assert "unknown perturber 'jupyter'. Did you mean 'jupiter'?" in out
+    assert "typo.yaml:" in out and "Traceback" not in out
