@@ -12,14 +12,19 @@ citizen of a public archive does:
 - a cap on concurrent requests per host (lock-file slots, so it also holds across the
   runner's worker processes);
 - retries with exponential backoff and jitter on connection errors, timeouts, dropped
-  bodies, 429 and 5xx, honouring ``Retry-After`` (RFC 9110 §10.2.3); never on other 4xx;
+  bodies, 429 and every status >= 500, honouring ``Retry-After`` (RFC 9110 §10.2.3);
+  never on other 4xx;
 - body checks: ``Content-Length`` must match, and a format hook (``check_fits``) must
   accept the payload, else the attempt counts as failed and is retried;
 - streaming downloads to ``<dest>.part`` with resume by HTTP ``Range`` (RFC 9110 §14)
   and an atomic rename once complete and checked;
 - a response cache keyed by method, URL, parameters and body that only ever stores
   complete, checked 200 answers;
-- credentials from ``<PREFIX>_USER``/``<PREFIX>_PASSWORD`` or ``~/.netrc``, never logged;
+- credentials from ``<PREFIX>_USER``/``<PREFIX>_PASSWORD`` (sent only to the origin
+  they belong to) or ``~/.netrc`` (read here, per host, only when ``netrc`` is on: the
+  session's own ``trust_env`` netrc lookup is switched off, proxies and CA bundles from
+  the environment are still honoured); HTTP Basic never goes over plain ``http`` except
+  to loopback, a ``user:password@`` inside a URL is refused, and nothing is logged;
 - request ids, payload size and ``Server-Timing`` at debug level.
 
 Every failure is an :class:`lakepipe.errors.ArchiveError` with the URL, status, number
@@ -64,7 +69,9 @@ log = logging.getLogger("lakepipe.archives.http")
 
 CACHE_ENV = "LAKEPIPE_HTTP_CACHE"
 CONTACT_ENV = "LAKEPIPE_CONTACT"
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Retried besides every status >= 500 (server errors, RFC 9110 §15.6).
+RETRY_STATUSES = frozenset({429})
+_LOOPBACK_HOSTS = frozenset({"localhost", "::1"})
 _REQUEST_ID_HEADERS = ("x-request-id", "x-amzn-requestid", "x-correlation-id", "request-id")
 
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
@@ -176,6 +183,36 @@ def host_key(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether an HTTP status is worth a retry: 429 and any 5xx, never another 4xx."""
+    return status in RETRY_STATUSES or status >= 500
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL: the unit credentials are scoped to (RFC 6454)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (127.0.0.0/8, ::1, localhost)."""
+    host = host.lower().strip("[]")
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def reject_userinfo(url: str, what: str = "URL") -> None:
+    """Raise ``ValueError`` when ``url`` carries ``user:password@`` (it would be logged,
+    fingerprinted and written to the lake with the spec)."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"{what} {redact(url)!r} must not carry a login (user:password@); put it in "
+            "the archive's credentials environment variables or in ~/.netrc"
+        )
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -346,6 +383,9 @@ class HttpClient:
     credentials_env
         Prefix of the environment variables holding a login (``LAKEPIPE_IRSA`` reads
         ``LAKEPIPE_IRSA_USER`` and ``LAKEPIPE_IRSA_PASSWORD``); ``~/.netrc`` is the fallback.
+    credentials_url
+        The archive root the login belongs to: it is sent only to that origin (scheme,
+        host, port), never to another host. Required with ``credentials_env``.
     seed
         Seed of the backoff jitter (delays only; never changes results).
     """
@@ -356,11 +396,19 @@ class HttpClient:
         *,
         session: requests.Session | None = None,
         credentials_env: str | None = None,
+        credentials_url: str | None = None,
         seed: int | None = None,
     ) -> None:
+        if credentials_env and not credentials_url:
+            raise ValueError("credentials_env needs credentials_url (the origin they are for)")
         self.params = params or HttpParams()
         self.session = session or requests.Session()
+        # requests would otherwise read ~/.netrc for every host on its own (also after
+        # redirects), whatever ``netrc`` says; credentials are handled in _auth_for, and
+        # proxies and CA bundles from the environment are passed explicitly instead.
+        self.session.trust_env = False
         self.credentials_env = credentials_env
+        self.credentials_origin = origin(credentials_url) if credentials_url else None
         self.stats = HttpStats()
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
@@ -398,10 +446,35 @@ class HttpClient:
             return self._rate[host], self._caps[host]
 
     def _auth_for(self, url: str) -> tuple[str, str] | None:
-        host = urlsplit(url).hostname or ""
-        if host not in self._auth:
-            self._auth[host] = _credentials(self.credentials_env, host, self.params.netrc)
-        return self._auth[host]
+        """The login for ``url``: environment credentials only for their own origin,
+        ``~/.netrc`` by host when enabled; never Basic over plain http off loopback."""
+        scheme, host, port = key = origin(url)
+        if key not in self._auth:
+            env = self.credentials_env if key == self.credentials_origin else None
+            self._auth[key] = _credentials(env, host, self.params.netrc)
+        auth = self._auth[key]
+        if auth is not None and scheme != "https" and not is_loopback(host):
+            raise ArchiveError(
+                f"refusing to send a login over plain {scheme} to {host}:{port} (it would "
+                "travel in clear text); use an https:// base_url",
+                url=redact(url),
+            )
+        return auth
+
+    def _env_settings(self, url: str) -> dict[str, Any]:
+        """Proxies and CA bundle from the environment (what ``trust_env`` gave, minus
+        its netrc lookup)."""
+        out: dict[str, Any] = {"proxies": requests.utils.get_environ_proxies(url)}
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle and self.session.verify is True:
+            out["verify"] = bundle
+        return out
+
+    def _check_url(self, url: str) -> None:
+        try:
+            reject_userinfo(url)
+        except ValueError as exc:
+            raise ArchiveError(str(exc), url=redact(url)) from None
 
     # -- public API -----------------------------------------------------------------------
     def get(
@@ -449,6 +522,7 @@ class HttpClient:
 
         A ``Range`` in ``headers`` makes 206 (and a whole-resource 200) acceptable.
         """
+        self._check_url(url)
         shown = redact(full_url(url, params))
         key = self._cache_key(method, url, params, data, files, headers)
         ok = (200, 206) if headers and "Range" in headers else (200,)
@@ -469,6 +543,7 @@ class HttpClient:
                 auth=self._auth_for(url),
                 timeout=timeout,
                 stream=True,
+                **self._env_settings(url),
             )
             with resp:
                 if resp.status_code not in ok:
@@ -500,6 +575,7 @@ class HttpClient:
         is fetched. The ``.part`` file survives failures so the next call resumes it.
         A lock file serialises threads and processes downloading the same ``dest``.
         """
+        self._check_url(url)
         dest = Path(dest)
         if dest.exists():
             self.stats.add(cache_hits=1)
@@ -527,6 +603,7 @@ class HttpClient:
                 auth=self._auth_for(url),
                 timeout=timeout,
                 stream=True,
+                **self._env_settings(url),
             )
             with resp:
                 if resp.status_code == 416 and have:
@@ -556,6 +633,7 @@ class HttpClient:
                     finally:
                         fh.flush()
                         os.fsync(fh.fileno())
+                        self.stats.add(bytes=received)  # on the wire, kept for resume
                 _check_length(resp, received)
                 self._log_response("GET", shown, resp, received)
             size = part.stat().st_size
@@ -641,7 +719,7 @@ class HttpClient:
                             elapsed_s=time.monotonic() - t0,
                         )
                     last_status = result.status
-                    if result.status not in RETRY_STATUSES:
+                    if not is_retryable_status(result.status):
                         said = result.text.strip().replace("\n", " ")[:200]
                         raise ArchiveError(
                             f"{method} refused with HTTP {result.status}"

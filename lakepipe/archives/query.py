@@ -1,10 +1,10 @@
 """``ExposureQuery``: the ``where`` block that selects exposures from any archive.
 
 A query is a sky region (a cone *or* a box, or neither for the whole sky), a time range,
-and optional filters, field ids, one night and a row cap::
+and optional filters, field ids, CCD and quadrant ids, one night and a row cap::
 
     where: {ra: 150.0, dec: 2.2, radius_deg: 1.0, start: 2025-01-01, end: 2025-01-12,
-            filters: [zg, zr]}
+            filters: [zg, zr], ccd_ids: [4, 5], quadrant_ids: [1]}
 
 Times are ISO dates (``2025-01-01``; as ``end`` a bare date includes that whole UTC day),
 ISO date-times (UTC) or MJD floats; :meth:`ExposureQuery.mjd_range` resolves them to
@@ -18,9 +18,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 _NIGHT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -117,7 +121,8 @@ def _point_in_quads(qx: np.ndarray, qy: np.ndarray, px: np.ndarray, py: np.ndarr
 
 
 class ExposureQuery(BaseModel):
-    """Which exposures to select: region, time range, filters, fields, night, row cap."""
+    """Which exposures to select: region, time range, filters, fields, CCD/quadrant ids,
+    night, row cap."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -134,6 +139,12 @@ class ExposureQuery(BaseModel):
     )
     filters: list[str] | None = Field(None, description="Filter codes, e.g. [zg, zr]")
     field_ids: list[int] | None = Field(None, description="Survey field ids")
+    ccd_ids: list[int] | None = Field(
+        None, description="CCD ids (ZTF ccdid, 1-16); exposures on other CCDs are skipped"
+    )
+    quadrant_ids: list[int] | None = Field(
+        None, description="CCD quadrant (readout channel) ids (ZTF qid, 1-4)"
+    )
     night: str | None = Field(None, description="Restrict to one night (YYYY-MM-DD)")
     max_rows: int | None = Field(None, gt=0, description="At most this many exposures")
 
@@ -305,3 +316,39 @@ class ExposureQuery(BaseModel):
         if self.field_ids is None:
             return np.ones(f.shape, dtype=bool)
         return np.isin(f, list(self.field_ids))
+
+    def matches_chip(self, ccdids: np.ndarray, qids: np.ndarray) -> np.ndarray:
+        """Whether each (CCD id, quadrant id) pair is selected."""
+        c, q = np.asarray(ccdids), np.asarray(qids)
+        ok = np.ones(np.broadcast(c, q).shape, dtype=bool)
+        if self.ccd_ids is not None:
+            ok &= np.isin(c, list(self.ccd_ids))
+        if self.quadrant_ids is not None:
+            ok &= np.isin(q, list(self.quadrant_ids))
+        return ok
+
+    @property
+    def has_chip(self) -> bool:
+        """Whether the query selects by CCD or quadrant."""
+        return self.ccd_ids is not None or self.quadrant_ids is not None
+
+    def select(self, exposures: pa.Table) -> np.ndarray:
+        """The exact selection on an ``exposures``-shaped table (``mjd``, ``filter``,
+        ``field``, ``ccdid``, ``qid``, corners ``ra1..dec4``) as a boolean mask: what
+        every archive applies, so they all select the same rows."""
+        if exposures.num_rows == 0:
+            return np.zeros(0, dtype=bool)
+
+        def col(name: str) -> np.ndarray:
+            return exposures.column(name).to_numpy(zero_copy_only=False)
+
+        keep = self.matches_time(col("mjd"))
+        keep &= self.matches_filter(np.array(exposures.column("filter").to_pylist(), object))
+        keep &= self.matches_field(col("field"))
+        if self.has_chip:
+            keep &= self.matches_chip(col("ccdid"), col("qid"))
+        if self.has_region:
+            rc = np.stack([col(f"ra{i}") for i in (1, 2, 3, 4)], axis=1)
+            dc = np.stack([col(f"dec{i}") for i in (1, 2, 3, 4)], axis=1)
+            keep &= self.overlaps(rc, dc)
+        return keep

@@ -16,7 +16,14 @@ ztf_api.html, ztf_metadata.html, ibe/cutouts.html):
 - cutout: the image URL with ``center=RA,DEC`` (deg), ``size=N arcsec`` and
   ``gzip=false``; HTTP 400 when the cutout misses the image, clipped at the edges;
 - proprietary data needs an IRSA login (HTTP basic); here from ``$LAKEPIPE_IRSA_USER``
-  / ``$LAKEPIPE_IRSA_PASSWORD`` or ``~/.netrc``.
+  / ``$LAKEPIPE_IRSA_PASSWORD`` or ``~/.netrc``, sent only to ``base_url``'s host (over
+  https, or plain http on loopback for an emulator); a login inside ``base_url`` is an
+  error, since the spec is recorded in the lake.
+
+Workers that did not run the search (the cutouts and sources stages) take an
+exposure's image URL from the lake's committed ``exposures`` rows (``image_uri``), so
+they send no metadata search per exposure; only an exposure the lake does not know is
+looked up, by ``pid``.
 
 The search region is a box around the query's cone or box (IBE has no cone), then the
 shared :class:`~lakepipe.archives.query.ExposureQuery` geometry selects exactly, so the
@@ -39,15 +46,16 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from astropy.io import fits
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lakepipe.archives.base import Archive, ArchiveParams, register_archive
-from lakepipe.archives.http import HttpClient, HttpParams, check_fits
+from lakepipe.archives.http import HttpClient, HttpParams, check_fits, reject_userinfo
 from lakepipe.archives.query import ExposureQuery, night_of
 from lakepipe.errors import ArchiveError
 
@@ -57,6 +65,8 @@ JD_MJD_OFFSET = 2400000.5  # JD = MJD + 2400000.5
 SEARCH_PATH = "/ibe/search/ztf/products/sci"
 DATA_PATH = "/ibe/data/ztf/products/sci"
 _FILTER_RE = re.compile(r"^z[gri]$")
+_CCD_IDS = range(1, 17)  # ZTF camera: 16 CCDs
+_QIDS = range(1, 5)  # 4 readout quadrants per CCD
 #: margin (days) on the obsjd WHERE: obsjd is exposure start, the lake's mjd mid-exposure
 _TIME_MARGIN_D = 1.0 / 24.0
 #: header keyword → exposures column, for what IBE metadata does not carry
@@ -122,6 +132,18 @@ def search_params(
         clauses.append("filtercode IN (" + ", ".join(f"'{f}'" for f in where.filters) + ")")
     if where.field_ids:
         clauses.append("field IN (" + ", ".join(str(int(f)) for f in where.field_ids) + ")")
+    for name, column, ids, valid in (
+        ("ccd_ids", "ccdid", where.ccd_ids, _CCD_IDS),
+        ("quadrant_ids", "qid", where.quadrant_ids, _QIDS),
+    ):
+        if ids is None:
+            continue
+        bad = [i for i in ids if int(i) not in valid]
+        if bad or not ids:
+            raise ValueError(
+                f"ZTF {name} are {valid.start}-{valid.stop - 1} (got {bad or 'an empty list'})"
+            )
+        clauses.append(f"{column} IN (" + ", ".join(str(int(i)) for i in ids) + ")")
     if extra_where:
         clauses.append(f"({extra_where})")
     if clauses:
@@ -248,13 +270,27 @@ class ZtfArchive(Archive):
         )
         http: HttpParams = Field(default_factory=HttpParams, description="Polite HTTP knobs")
 
+        @field_validator("base_url")
+        @classmethod
+        def _check_base_url(cls, v: str) -> str:
+            if urlsplit(v).scheme not in ("http", "https"):
+                raise ValueError(f"base_url must be an http(s):// URL (got {v!r})")
+            reject_userinfo(v, "base_url")
+            return v
+
     params: Params
 
     def __init__(self, params: ArchiveParams, **kw: Any) -> None:
         super().__init__(params, **kw)
         self.base_url = self.params.base_url.rstrip("/")
-        self.http = HttpClient(self.params.http, credentials_env=self.params.credentials_env)
+        self.http = HttpClient(
+            self.params.http,
+            credentials_env=self.params.credentials_env,
+            credentials_url=self.base_url,
+        )
         self._rows: dict[int, dict[str, Any]] = {}
+        self._urls: dict[int, str] = {}  # exposure_id → image URL known from lake rows
+        self._lake_root: Path | None = None
         self._query_rows = 0
 
     def stats(self) -> dict[str, float]:
@@ -276,6 +312,42 @@ class ZtfArchive(Archive):
         nothing already complete and resume partial files by Range."""
         if self.http.cache_dir is None:
             self.http.cache_dir = Path(root) / "_cache" / "http"
+        self._lake_root = Path(root)
+
+    def remember(self, exposures: pa.Table) -> int:
+        """Learn image URLs from ``exposures`` rows this archive wrote (``exposure_id``,
+        ``image_uri``), so fetching them needs no metadata search; returns how many.
+
+        URLs are re-rooted on ``base_url`` (the lake may come from another mirror).
+        """
+        if not {"exposure_id", "image_uri"} <= set(exposures.column_names):
+            return 0
+        archive = (
+            exposures.column("archive").to_pylist()
+            if "archive" in exposures.column_names
+            else ["ztf"] * exposures.num_rows
+        )
+        ids = exposures.column("exposure_id").to_pylist()
+        uris = exposures.column("image_uri").to_pylist()
+        n = 0
+        for eid, uri, arc in zip(ids, uris, archive, strict=True):
+            if arc != "ztf" or not uri or DATA_PATH + "/" not in uri:
+                continue
+            self._urls[int(eid)] = self.base_url + DATA_PATH + uri.split(DATA_PATH, 1)[1]
+            n += 1
+        return n
+
+    def _learn_from_lake(self) -> None:
+        """Read the committed ``exposures`` rows of the lake this archive serves."""
+        if self._lake_root is None:
+            return
+        from lakepipe.lake import Lake
+
+        reader = Lake(self._lake_root).reader()
+        if "exposures" not in reader.tables():
+            return
+        table = reader.read("exposures", columns=["exposure_id", "archive", "image_uri"])
+        log.debug("learned %d image URLs from the lake's exposures", self.remember(table))
 
     def fingerprint(self) -> str:
         """Content identity: the data source, not the politeness knobs or cache paths."""
@@ -328,8 +400,16 @@ class ZtfArchive(Archive):
         return row
 
     def image_url(self, exposure_id: int) -> str:
-        """URL of an exposure's science image."""
-        return product_url(self.base_url, self._row(exposure_id))
+        """URL of an exposure's science image: from a search this archive ran, else from
+        the lake's ``exposures`` rows, else from a ``pid`` search."""
+        eid = int(exposure_id)
+        if eid in self._rows:
+            return product_url(self.base_url, self._rows[eid])
+        if eid not in self._urls:
+            self._learn_from_lake()
+        if eid in self._urls:
+            return self._urls[eid]
+        return product_url(self.base_url, self._row(eid))
 
     def header(self, exposure_id: int) -> fits.Header:
         """The image's primary header from its first bytes (HTTP Range)."""
@@ -448,13 +528,4 @@ def _empty() -> pa.Table:
 
 def _select(table: pa.Table, where: ExposureQuery) -> np.ndarray:
     """Exact selection with the shared geometry (what the sim archive applies)."""
-    if table.num_rows == 0:
-        return np.zeros(0, dtype=bool)
-    keep = where.matches_time(table.column("mjd").to_numpy())
-    keep &= where.matches_filter(np.array(table.column("filter").to_pylist(), dtype=object))
-    keep &= where.matches_field(table.column("field").to_numpy())
-    if where.has_region:
-        rc = np.stack([table.column(f"ra{i}").to_numpy() for i in (1, 2, 3, 4)], axis=1)
-        dc = np.stack([table.column(f"dec{i}").to_numpy() for i in (1, 2, 3, 4)], axis=1)
-        keep &= where.overlaps(rc, dc)
-    return keep
+    return where.select(table)

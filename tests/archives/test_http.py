@@ -274,6 +274,26 @@ def test_other_4xx_is_not_retried(server, session) -> None:
     assert len(state.log) == 1
 
 
+@pytest.mark.parametrize("status", [429, 500, 501, 502, 503, 504, 507, 520, 599])
+def test_429_and_every_5xx_are_retried(server, session, status) -> None:
+    """Issue 7: retry on 429 and 5xx (any status >= 500, not only 500/502/503/504)."""
+    url, state = server
+    state.fail_next, state.fail_status = 2, status
+    resp = HttpClient(fast(), session=session).get(url + "/echo")
+    assert (resp.status, resp.attempts) == (200, 3)  # truth: two failures, then the answer
+    assert len(state.log) == 3
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 418, 422, 451, 499])
+def test_4xx_other_than_429_fails_at_once(server, session, status) -> None:
+    url, state = server
+    state.fail_next, state.fail_status = 5, status
+    with pytest.raises(ArchiveError) as err:
+        HttpClient(fast(), session=session).get(url + "/echo")
+    assert (err.value.status, err.value.attempts) == (status, 1)
+    assert len(state.log) == 1  # truth: the server saw exactly one request
+
+
 def test_gives_up_with_archive_error(server, session) -> None:
     url, state = server
     state.fail_next = 100
@@ -452,7 +472,9 @@ def test_credentials_from_env_and_netrc_never_logged(
     monkeypatch.setenv("LPTEST_USER", "alice")
     monkeypatch.setenv("LPTEST_PASSWORD", "s3cret-pw")
     with caplog.at_level(logging.DEBUG, logger="lakepipe.archives.http"):
-        HttpClient(fast(), session=session, credentials_env="LPTEST").get(url + "/echo")
+        HttpClient(fast(), session=session, credentials_env="LPTEST", credentials_url=url).get(
+            url + "/echo"
+        )
     assert state.log[0]["auth"] == "Basic YWxpY2U6czNjcmV0LXB3"  # base64("alice:s3cret-pw")
     assert "s3cret-pw" not in caplog.text and "alice" not in caplog.text
     assert "request-id r-1" in caplog.text and "bytes" in caplog.text
@@ -463,8 +485,69 @@ def test_credentials_from_env_and_netrc_never_logged(
     rc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(rc))
     params = fast(netrc=True)
-    HttpClient(params, session=session, credentials_env="LPTEST").get(url + "/echo")
+    HttpClient(params, session=session, credentials_env="LPTEST", credentials_url=url).get(
+        url + "/echo"
+    )
     assert state.log[1]["auth"] == "Basic Ym9iOmh1bnRlcjI="  # base64("bob:hunter2")
+
+
+def _netrc(tmp_path, monkeypatch, host: str) -> None:
+    rc = tmp_path / "netrc"
+    rc.write_text(f"machine {host} login bob password hunter2\n")
+    rc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(rc))
+
+
+def test_netrc_false_sends_no_login(server, session, tmp_path, monkeypatch) -> None:
+    """``netrc: false`` must also stop requests' own netrc lookup (session.trust_env)."""
+    url, state = server
+    _netrc(tmp_path, monkeypatch, "127.0.0.1")
+    HttpClient(fast(netrc=False), session=session).get(url + "/echo")
+    HttpClient(fast(netrc=True), session=session).get(url + "/echo")
+    assert [e["auth"] for e in state.log] == [None, "Basic Ym9iOmh1bnRlcjI="]
+
+
+def test_env_login_goes_only_to_its_origin(server, session, monkeypatch) -> None:
+    url, state = server
+    monkeypatch.setenv("LPTEST_USER", "alice")
+    monkeypatch.setenv("LPTEST_PASSWORD", "s3cret-pw")
+    client = HttpClient(fast(), session=session, credentials_env="LPTEST", credentials_url=url)
+    client.get(url + "/echo")
+    client.get(url.replace("127.0.0.1", "localhost") + "/echo")  # same server, other host
+    assert [e["auth"] for e in state.log] == ["Basic YWxpY2U6czNjcmV0LXB3", None]
+    with pytest.raises(ValueError, match="credentials_url"):
+        HttpClient(fast(), credentials_env="LPTEST")
+
+
+def test_no_basic_auth_over_plain_http_off_loopback(session, tmp_path, monkeypatch) -> None:
+    _netrc(tmp_path, monkeypatch, "irsa.example.invalid")
+    client = HttpClient(fast(netrc=True, max_retries=0), session=session)
+    with pytest.raises(ArchiveError, match="refusing to send a login over plain http") as err:
+        client.get("http://irsa.example.invalid/x")
+    assert "hunter2" not in str(err.value) and err.value.attempts == 0
+
+
+def test_login_inside_url_is_refused(server, session, tmp_path) -> None:
+    url, state = server
+    bad = url.replace("http://", "http://eve:pw-in-url@") + "/echo"
+    client = HttpClient(fast(), session=session)
+    for call in (lambda: client.get(bad), lambda: client.download(bad, tmp_path / "x")):
+        with pytest.raises(ArchiveError, match="must not carry a login") as err:
+            call()
+        assert "pw-in-url" not in str(err.value)
+    assert state.log == [] and list(tmp_path.iterdir()) == []  # truth: nothing reached the server
+
+
+def test_proxies_from_environment_still_apply(server, session, monkeypatch) -> None:
+    """trust_env is off (netrc), but $http_proxy is still honoured."""
+    url, state = server
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", url)
+    resp = HttpClient(fast(), session=session).get("http://archive.example.invalid/echo")
+    assert resp.status == 200
+    # truth: the request reached our server as a proxy, in absolute form
+    assert state.log[0]["path"] == "http://archive.example.invalid/echo"
 
 
 def test_redact_strips_userinfo() -> None:
