@@ -13,7 +13,9 @@ Interface (shared with the other archive kinds):
   full image with ``CRPIX`` shifted;
 - :meth:`SimArchive.catalog` / :meth:`SimArchive.write_catalog` — Gaia-like catalog;
 - :meth:`SimArchive.truth`, :meth:`SimArchive.objects`, :meth:`SimArchive.variables`,
-  :meth:`SimArchive.transient`, :meth:`SimArchive.asteroid_truth` — what was injected.
+  :meth:`SimArchive.transient`, :meth:`SimArchive.asteroid_truth` — what was injected;
+- :meth:`SimArchive.sky_truth`, :meth:`SimArchive.truth_tables`,
+  :meth:`SimArchive.orbit_truth` — the same as rows of the ``truth_*`` contracts.
 
 Full images are rendered once and kept in a small per-process LRU cache, so many cutouts
 of one exposure cost one render.
@@ -333,6 +335,33 @@ class SimArchive(Archive):
         }
         return pa.table({k: pa.array(v, types.get(k, pa.float64())) for k, v in cols.items()})
 
+    def orbit_truth(self) -> pa.Table:
+        """Rows of the ``truth_orbits`` contract: each asteroid's true state and elements.
+
+        The state is the one the survey propagates to render the asteroid
+        (:attr:`lakepipe.sim.asteroids.Asteroids.orbits`); column names follow ``orbits``.
+        """
+        from lakepipe.astro import kepler
+
+        ast = self.asteroid_truth()["asteroids"]
+        state_cols = ("x_au", "y_au", "z_au", "vx_au_per_day", "vy_au_per_day", "vz_au_per_day")
+        state = np.column_stack([np.asarray(ast.column(c), np.float64) for c in state_cols])
+        elements = kepler.state_to_elements(state.reshape(-1, 6)) if ast.num_rows else {}
+        cols: dict[str, pa.Array | pa.ChunkedArray] = {
+            "number": ast.column("number"),
+            "designation": ast.column("designation"),
+            "epoch_mjd_tdb": pa.array(
+                np.asarray(ast.column("epoch_jd_tdb"), np.float64) - 2400000.5, pa.float64()
+            ),
+        }
+        for name in state_cols:
+            cols[name.replace("_per_day", "_d")] = ast.column(name)
+        for name in (*kepler.ELEMENT_NAMES, "q_au"):
+            cols[name] = pa.array(np.asarray(elements.get(name, np.empty(0))), pa.float64())
+        cols["h_mag"] = ast.column("h_mag")
+        cols["g_slope"] = ast.column("g_slope")
+        return pa.table(cols)
+
     def truth_tables(self, night: str) -> dict[str, pa.Table]:
         """``truth_objects`` and ``truth_asteroids`` rows of one night (no ``_healpix_29``).
 
@@ -360,6 +389,7 @@ class SimArchive(Archive):
             <folder>/truth_objects/night=<N>/part-0.parquet
             <folder>/truth_asteroids/night=<N>/part-0.parquet
             <folder>/truth_orbits.parquet                 asteroid states and elements
+                                                          (``truth_orbits`` contract)
         """
         folder = Path(folder)
         self.write_catalog(folder / "catalog.parquet")
@@ -372,7 +402,7 @@ class SimArchive(Archive):
                     folder / name / f"night={night}" / "part-0.parquet", table.drop(["night"])
                 )
         if self.config.n_asteroids:
-            self._write(folder / "truth_orbits.parquet", self.asteroid_truth()["asteroids"])
+            self._write(folder / "truth_orbits.parquet", self.orbit_truth())
         return folder
 
     @staticmethod
