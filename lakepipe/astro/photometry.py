@@ -95,6 +95,19 @@ class BackgroundParams(_Model):
     annulus_pix: tuple[float, float] | None = Field(
         None, description="Local annulus inner/outer radius, pixels (default 3×/5× FWHM)"
     )
+    annulus_mask_fwhm: float = Field(
+        1.0,
+        ge=0,
+        description="local: leave out of the annulus the pixels of every detection "
+        "(segmentation map) grown by this × FWHM, and bad and saturated pixels",
+    )
+    annulus_min_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="local: with less than this fraction of the annulus left, the mesh "
+        "map is used for that source instead",
+    )
 
 
 class DetectParams(_Model):
@@ -164,7 +177,12 @@ class ApertureParams(_Model):
     )
     kron: bool = Field(False, description="Also measure Kron (AUTO) flux")
     kron_factor: float = Field(2.5, gt=0, description="Kron radius factor [PHOT_AUTOPARAMS]")
-    kron_min_radius: float = Field(3.5, ge=0, description="Minimum Kron radius [PHOT_AUTOPARAMS]")
+    kron_min_radius: float = Field(
+        3.5,
+        ge=0,
+        description="Minimum of kron_factor × Kron radius, in units of the isophotal a, b "
+        "(SExtractor's second PHOT_AUTOPARAMS value)",
+    )
     subpix: int = Field(
         0,
         ge=0,
@@ -724,6 +742,8 @@ def aperture_photometry(
     gain_e_per_adu: float | None = None,
     mask: np.ndarray | None = None,
     annulus_pix: tuple[float, float] | None = None,
+    annulus_mask: np.ndarray | None = None,
+    annulus_min_fraction: float = 0.2,
     saturated: np.ndarray | None = None,
     bkg_map: np.ndarray | None = None,
     subpix: int = 0,
@@ -733,9 +753,11 @@ def aperture_photometry(
     ``var`` is the per-pixel background variance (ADU², map or scalar); the source
     Poisson term F/g is added when the gain (e⁻/ADU) is known. ``data_sub`` should have
     masked pixels already interpolated (:func:`fill_masked`); ``mask`` flags apertures
-    that contain them and is ignored in the background annulus. With ``annulus_pix`` the
-    annulus mean is subtracted and its error n_ap² σ²/n_ann added (the last term of the
-    CCD equation).
+    that contain them. With ``annulus_pix`` the mean of the annulus pixels that are in
+    neither ``mask`` nor ``annulus_mask`` (other sources: without it, neighbours bias
+    the background high and faint fluxes low) is subtracted and its error
+    n_ap² σ²/n_ann added (the last term of the CCD equation); where less than
+    ``annulus_min_fraction`` of the annulus is left, the background map stays.
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -763,13 +785,26 @@ def aperture_photometry(
     if annulus_pix is not None:
         rin, rout = annulus_pix
         area_ann = math.pi * (rout**2 - rin**2)
-        # masked annulus pixels: sep scales the sum to the full annulus area
-        bsum, berr, _ = sep.sum_circann(
-            data_sub, x, y, rin, rout, var=var, mask=mask, subpix=subpix
-        )
-        bmean = np.asarray(bsum, float) / area_ann
+        skip = mask
+        if annulus_mask is not None:
+            skip = annulus_mask if mask is None else (annulus_mask | mask)
+        free = np.full(n, area_ann)
+        if skip is not None and skip.any():
+            nskip, _, _ = sep.sum_circann(skip.astype(np.float32), x, y, rin, rout, subpix=1)
+            free = area_ann - np.asarray(nskip, float)
+        use = free >= annulus_min_fraction * area_ann
+        bmean = np.zeros(n)
+        bvar = np.zeros(n)
+        if use.any():
+            # sep scales the sum over unmasked pixels (and its error) to the whole
+            # annulus area: sum / area is the mean of the unmasked pixels
+            bsum, berr, _ = sep.sum_circann(
+                data_sub, x[use], y[use], rin, rout, var=var, mask=skip, subpix=subpix
+            )
+            bmean[use] = np.asarray(bsum, float) / area_ann
+            bvar[use] = (np.asarray(berr, float) / area_ann) ** 2
         flux = flux - bmean * area_ap
-        ferr = np.sqrt(ferr**2 + (np.asarray(berr, float) * area_ap / area_ann) ** 2)
+        ferr = np.sqrt(ferr**2 + bvar * area_ap**2)
         local = local + bmean
     flags[~(flux > 0)] |= FLAG_NONPOSITIVE
     return ApertureResult(flux, ferr, flags, local)
@@ -794,25 +829,36 @@ def kron_photometry(
     kron_factor: float = 2.5,
     min_radius: float = 3.5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Kron (FLUX_AUTO) flux: ellipse of kron_factor × Kron radius, circular minimum
-    radius ``min_radius`` pixels (Kron 1980, ApJS 43, 305; SExtractor PHOT_AUTOPARAMS).
-    Returns (flux, flux_err, kron_radius_pix along the major axis)."""
+    """Kron (FLUX_AUTO) flux in the ellipse of semi-axes K·a, K·b with
+    K = max(kron_factor × r_Kron, min_radius) (Kron 1980, ApJS 43, 305; Bertin & Arnouts
+    1996, A&AS 117, 393): SExtractor's ``PHOT_AUTOPARAMS kron_factor, min_radius``, where
+    r_Kron and min_radius are in units of the isophotal a, b (not pixels).
+    Returns (flux, flux_err, K·a: the aperture's semi-major axis in pixels).
+    """
     if len(x) == 0:
         e = np.zeros(0)
         return e, e.copy(), e.copy()
-    a, b, theta = objects["a"], objects["b"], objects["theta"]
+    a = np.asarray(objects["a"], np.float64)
+    b = np.asarray(objects["b"], np.float64)
+    # sep returns theta as float32; widened to float64 it can exceed π/2 by an ulp and
+    # sep's ellipse routines then reject it ("invalid aperture parameters")
+    theta = np.clip(np.asarray(objects["theta"], np.float64), -math.pi / 2.0, math.pi / 2.0)
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
     kr, _ = sep.kron_radius(data_sub, x, y, a, b, theta, 6.0, mask=mask)
     kr = np.where(np.isfinite(kr), kr, 0.0)
+    k = np.maximum(kron_factor * kr, min_radius)
     kw: dict = {"var": var, "mask": mask, "subpix": 1}
     if gain_e_per_adu:
         kw["gain"] = gain_e_per_adu
-    flux, ferr, _ = sep.sum_ellipse(data_sub, x, y, a, b, theta, kron_factor * kr, **kw)
-    r_circ = kron_factor * kr * np.sqrt(a * b)
-    small = r_circ < min_radius
-    if small.any():
-        cf, ce, _ = sep.sum_circle(data_sub, x[small], y[small], min_radius, **kw)
-        flux[small], ferr[small] = cf, ce
-    return np.asarray(flux, float), np.asarray(ferr, float), kron_factor * kr * a
+    flux = np.zeros(len(x))
+    ferr = np.zeros(len(x))
+    ok = k > 0  # K = 0 only when r_Kron failed and min_radius is 0: no aperture
+    if ok.any():
+        f, e, _ = sep.sum_ellipse(data_sub, x[ok], y[ok], a[ok], b[ok], theta[ok], k[ok], **kw)
+        flux[ok], ferr[ok] = f, e
+    flux[~ok] = ferr[~ok] = np.nan
+    return flux, ferr, k * a
 
 
 def magnitudes(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1038,8 +1084,12 @@ def measure_image(
         rdnoise_e=image.rdnoise_e,
     )
     annulus = None
+    annulus_mask = None
     if bp.mode == "local":
         annulus = bp.annulus_pix or (3.0 * fwhm_used, 5.0 * fwhm_used)
+        annulus_mask = _grow(segmap > 0, bp.annulus_mask_fwhm * fwhm_used)
+        if saturated is not None:
+            annulus_mask |= saturated
     pixscale = _pixscale(image)
     radii = aperture_radii_pix(ap, fwhm_used, pixscale)
     results = [
@@ -1052,6 +1102,8 @@ def measure_image(
             gain_e_per_adu=image.gain_e_per_adu,
             mask=mask,
             annulus_pix=annulus,
+            annulus_mask=annulus_mask,
+            annulus_min_fraction=bp.annulus_min_fraction,
             saturated=saturated,
             bkg_map=back,
             subpix=ap.subpix,

@@ -15,6 +15,8 @@ from lakepipe.errors import InputNotFoundError, LakepipeError, SQLError, StageEr
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 
 OK_CUTOUT_STATUSES = ("ok", "partial")
+# exposures columns that override the image header's GAIN, RDNOISE and SATURATE
+DETECTOR_COLUMNS = ("gain_e_per_adu", "rdnoise_e", "saturate_adu")
 
 
 class ForcedPosition(BaseModel):
@@ -168,6 +170,7 @@ class SourcesStage(Stage):
                     stage=self.name,
                     partition=partition.key,
                 ) from None
+            _use_exposure_detector(image, meta.get(exposure_id))
             info = self._image_info(image, meta.get(exposure_id))
             fra, fdec, fid = _forced_for(forced, exposure_id)
             if len(fra) and image.wcs is None:
@@ -204,7 +207,7 @@ class SourcesStage(Stage):
     def _exposure_meta(self, ctx: StageContext, key: str) -> dict[int, dict[str, Any]]:
         if "exposures" not in ctx.lake.tables():
             return {}
-        cols = ["exposure_id", "mjd", "filter", "zeropoint_mag"]
+        cols = ["exposure_id", "mjd", "filter", "zeropoint_mag", *DETECTOR_COLUMNS]
         t = ctx.lake.read("exposures", partitions=[key], columns=cols)
         return {int(r["exposure_id"]): r for r in t.to_pylist()}
 
@@ -455,6 +458,18 @@ def _num(v: Any) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def _use_exposure_detector(image: ph.Image, meta: dict[str, Any] | None) -> None:
+    """Gain, read noise and saturation from the exposures row where it has them (the
+    archive may know better than the header, e.g. fits_dir keyword overrides and
+    defaults); the header's values stay where the row has none."""
+    if meta is None:
+        return
+    for name in DETECTOR_COLUMNS:
+        v = _num(meta.get(name))
+        if v is not None and (name != "gain_e_per_adu" or v > 0):
+            setattr(image, name, v)
 
 
 def _forced_for(
