@@ -606,6 +606,25 @@ def preflight(
         stage.preflight(make_context(lake, loaded, name, spec_json, spec_dir, manifest))
 
 
+def preflight_spec(loaded: LoadedSpec, lake: str | Path | None = None) -> None:
+    """``lakepipe validate``'s input check: every stage's preflight, cheaply.
+
+    Stages see the lake as committed (empty if it does not exist yet) and no archive, so
+    only what they can check without one (files, SQL syntax) is checked.
+    """
+    lake_obj = Lake(resolve_lake(lake, loaded.model))
+    manifest = lake_obj.manifest()
+    for name in loaded.stage_order():
+        ctx = StageContext(
+            stage_name=name,
+            lake=LakeReader(lake_obj, manifest),
+            files=lake_obj.files,
+            archive=None,
+            spec_dir=loaded.spec_dir.resolve(),
+        )
+        _make_stage(loaded, name).preflight(ctx)
+
+
 class _RunLog:
     """Appends attempt records; stores the resolved spec with the first one, so a run
     that stops on bad input before doing anything leaves the lake untouched."""

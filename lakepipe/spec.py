@@ -197,21 +197,39 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str, 
     if not isinstance(raw, dict):
         raise SpecError(f"{path}:1: a spec must be a YAML mapping with name, stages, …")
     lines: dict[tuple[str, ...], int] = {}
-    _collect_lines(node, (), lines)
+    duplicates: list[str] = []
+    _collect_lines(node, (), lines, duplicates, str(path))
+    if duplicates:
+        raise SpecError(f"{path}: invalid spec\n" + "\n".join(duplicates), duplicates)
     return raw, lines
 
 
-def _collect_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+def _collect_lines(
+    node: yaml.Node,
+    path: tuple[str, ...],
+    out: dict[tuple[str, ...], int],
+    duplicates: list[str],
+    label: str,
+) -> None:
+    """Line of every key path; a key given twice in one mapping is an error (YAML keeps
+    the last one silently, so a second ``exposures:`` stage would replace the first)."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = (*path, str(k.value))
-            out[key] = k.start_mark.line + 1
-            _collect_lines(v, key, out)
+            line = k.start_mark.line + 1
+            if key in out and k.value != "<<":
+                duplicates.append(
+                    f"{label}:{line}: {'.'.join(key)}: duplicate key (first at line "
+                    f"{out[key]}); rename or remove one"
+                )
+                continue
+            out[key] = line
+            _collect_lines(v, key, out, duplicates, label)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             key = (*path, str(i))
             out[key] = v.start_mark.line + 1
-            _collect_lines(v, key, out)
+            _collect_lines(v, key, out, duplicates, label)
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Any, label: str) -> dict[str, Any]:
@@ -230,7 +248,16 @@ def _apply_overrides(raw: dict[str, Any], overrides: Any, label: str) -> dict[st
             if not isinstance(nxt, dict):
                 raise SpecError(f"--set {item!r}: {part!r} is not a mapping in {label}")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); quote it or "
+                "complete it, e.g. --set 'stages.exposures.where.filters=[zg, zr]'"
+            ) from None
+        # the same treatment as values read from the file (dates become ISO strings)
+        node[parts[-1]] = json.loads(json.dumps(parsed, default=str))
     return raw
 
 

@@ -93,32 +93,89 @@ def test_check_runs_diagnostics(built, cli, tmp_path):
     assert r.exit_code == 1 and "expected a number, the query returned 'many'" in r.stdout
 
 
-def test_kinds_and_help_have_examples(cli):
+def _command_tree() -> list[tuple[str, ...]]:
+    """Every command and group path of the real CLI (the root included)."""
+    from typer.main import get_command
+
+    from lakepipe.cli import app
+
+    out: list[tuple[str, ...]] = []
+
+    def walk(cmd, path: tuple[str, ...]) -> None:
+        out.append(path)
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(get_command(app), ())
+    return out
+
+
+def test_kinds_list_and_show(cli):
     r = cli("kinds")
     assert "toy_numbers" in r.stdout and "ecsv" in r.stdout
     r = cli("kinds", "toy_sums")
     assert '"offset"' in r.stdout
-    for cmd in [
-        ("run",),
-        ("query",),
-        ("export",),
-        ("validate",),
-        ("lake", "tables"),
-        ("lake", "vacuum"),
-        ("runs",),
-        ("check",),
-        ("kinds",),
-        ("schema",),
-    ]:
-        r = cli(*cmd, "--help")
-        assert r.exit_code == 0 and "Example:" in r.stdout, cmd
 
 
-def test_debug_shows_traceback(cli, tmp_path):
-    from lakepipe.errors import InputNotFoundError
+def test_every_command_and_group_help_has_an_example(cli):
+    tree = _command_tree()
+    # the tree is the real one: groups and their commands are all in it
+    assert {("run",), ("lake",), ("lake", "vacuum"), ("plot",), ("sim",), ("runs",)} <= set(tree)
+    missing = []
+    for path in tree:
+        r = cli(*path, "--help")
+        assert r.exit_code == 0, (path, r.stderr)
+        if "Example: lakepipe " not in r.stdout:
+            missing.append(" ".join(("lakepipe", *path)))
+    assert not missing, f"--help without an example: {missing}"
 
-    with pytest.raises(InputNotFoundError):
-        cli("--debug", "run", tmp_path / "missing.yaml")
+
+def test_debug_shows_traceback_and_keeps_the_exit_code(cli, tmp_path):
+    r = cli("--debug", "run", tmp_path / "missing.yaml")
+    assert r.exit_code == 2
+    assert "Traceback (most recent call last)" in r.stderr
+    assert "InputNotFoundError: spec file" in r.stderr
+    assert re.search(r"lakepipe: error: spec file .*missing.yaml not found", r.stderr)
+
+
+def test_set_values_are_typed_like_file_values(cli, tmp_path):
+    # Truth: a date given with --set resolves exactly like the same date in the file.
+    from lakepipe.spec import find_spec, load_spec
+
+    text = find_spec("demo").read_text().replace("start: 2025-01-01", "start: 2025-01-02")
+    edited = tmp_path / "demo.yaml"
+    edited.write_text(text)
+    via_set = load_spec("demo", ["stages.exposures.where.start=2025-01-02"])
+    via_file = load_spec(edited)
+    where_set = via_set.model.stages["exposures"].where.model_dump(mode="json")
+    where_file = via_file.model.stages["exposures"].where.model_dump(mode="json")
+    assert where_set == where_file and str(where_set["start"]).startswith("2025-01-02")
+    r = cli("validate", "demo", "--set", "stages.exposures.where.start=2025-01-02")
+    assert r.exit_code == 0 and r.stdout.startswith("ok: demo"), r.stdout
+
+
+def test_partitions_failing_on_bad_input_exit_2(toy_spec, cli, tmp_path):
+    spec = toy_spec(numbers={"bad_input_buckets": [2]})
+    r = cli("run", spec, "-j", "1", "--no-progress", "-f", "csv")
+    assert r.exit_code == 2
+    assert (
+        "lakepipe: error: stage 'numbers', partition bucket=02: ParseError: toy input of "
+        "bucket 2 is malformed; fix bucket 2"
+    ) in r.stderr
+    assert "Traceback" not in r.stderr
+    # what did not fail is committed and the failure is in the run log
+    assert r.stdout.splitlines()[1].startswith("numbers,toy_numbers,3,0,1,")
+    r = cli("runs", "--lake", tmp_path / "lake", "-f", "csv")
+    assert r.stdout.splitlines()[1].split(",")[3:6] == ["6", "0", "1"]
+
+
+def test_dry_run_lists_downstream_work(built, cli):
+    spec, _ = built
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--set", "stages.numbers.buckets=5")
+    lines = r.stdout.splitlines()
+    assert "numbers,bucket=04,run,new" in lines
+    assert "sums,bucket=04,run,new" in lines  # not committed upstream yet, still listed
+    assert "sums,bucket=00,run,input changed" in lines
 
 
 def _bad_yaml(tmp_path: Path, text: str) -> Path:
@@ -365,6 +422,84 @@ BAD_INPUTS = [
         lambda t, lk: ["kinds", "toy_sumz"],
         2,
         r"no kind or format 'toy_sumz'. Did you mean 'toy_sums'",
+    ),
+    (
+        "set-bad-yaml",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES),
+            "--lake",
+            lk,
+            "--set",
+            "stages.numbers.rows=[1,",
+        ],
+        2,
+        r"--set 'stages.numbers.rows=\[1,': the value is not valid YAML",
+    ),
+    (
+        "opt-bad-yaml",
+        lambda t, lk: ["export", "toy_sums", "--lake", lk, "-o", t / "x.csv", "--opt", "a=[1,"],
+        2,
+        r"--opt 'a=\[1,': the value is not valid YAML",
+    ),
+    (
+        "duplicate-stage",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES + "  numbers: {kind: toy_numbers, rows: 3}\n"),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"bad.yaml:5: stages.numbers: duplicate key \(first at line 3\)",
+    ),
+    (
+        "duplicate-param",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                GOOD_STAGES.replace("{kind: toy_numbers}", "{kind: toy_numbers, rows: 2, rows: 3}"),
+            ),
+        ],
+        2,
+        r"bad.yaml:3: stages.numbers.rows: duplicate key",
+    ),
+    (
+        "preflight-missing-file",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(
+                t,
+                GOOD_STAGES.replace(
+                    "{kind: toy_numbers}", "{kind: toy_numbers, checked_file: absent.txt}"
+                ),
+            ),
+            "--lake",
+            lk,
+        ],
+        2,
+        r"checked_file .*absent.txt not found; fix stages.numbers.checked_file",
+    ),
+    (
+        "validate-preflight",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                GOOD_STAGES.replace(
+                    "{kind: toy_numbers}", "{kind: toy_numbers, checked_file: absent.txt}"
+                ),
+            ),
+        ],
+        2,
+        r"checked_file .*absent.txt not found",
+    ),
+    (
+        "runs-unknown-run",
+        lambda t, lk: ["runs", "--lake", lk, "--run", "nope"],
+        2,
+        r"no run 'nope' in the run log of lake .*; list its runs with `lakepipe runs --lake ",
     ),
     (
         "workers-zero",

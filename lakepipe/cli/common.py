@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -28,7 +29,11 @@ app = typer.Typer(
     rich_markup_mode=None,
     add_completion=False,
 )
-lake_app = typer.Typer(help="Inspect and maintain a lake.", no_args_is_help=True)
+lake_app = typer.Typer(
+    help="Inspect and maintain a lake: tables, contracts, partitions, vacuum.\n\n"
+    "Example: lakepipe lake tables -p demo && lakepipe lake vacuum -p demo",
+    no_args_is_help=True,
+)
 app.add_typer(lake_app, name="lake")
 
 STATE: dict[str, Any] = {"debug": False}
@@ -54,8 +59,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except LakepipeError as exc:
-            if STATE["debug"]:
-                raise
+            if STATE["debug"]:  # the traceback in addition; the exit code stays the same
+                sys.stderr.write(traceback.format_exc())
             label = "error" if isinstance(exc, UserError) else "failed"
             err_console().print(f"lakepipe: {label}: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
@@ -135,5 +140,12 @@ def parse_options(opts: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise UserError(f"--opt {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(
+                f"--opt {item!r}: the value is not valid YAML ({problem}); quote it or "
+                "complete it, e.g. --opt 'KEY=[1, 2]'"
+            ) from None
     return out

@@ -16,6 +16,7 @@ from lakepipe.cli.common import (
     require_lake,
     write_output,
 )
+from lakepipe.errors import InputNotFoundError
 from lakepipe.export import ExportMeta
 from lakepipe.sql import LakeSQL
 from lakepipe.tables import contracts, get_contract
@@ -161,4 +162,10 @@ def runs(
             "as skipped, count(*) filter (status = 'failed') as failed, sum(rows) as rows "
             "from _runs group by run_id order by run_id"
         )
-    write_output(LakeSQL(lk).query(sql), fmt, None, ExportMeta(options={"width": 200}))
+    result = LakeSQL(lk).query(sql)
+    if run_id and not result.num_rows:
+        raise InputNotFoundError(
+            f"no run {run_id!r} in the run log of lake {lk.root}; list its runs with "
+            f"`lakepipe runs --lake {lk.root}`"
+        )
+    write_output(result, fmt, None, ExportMeta(options={"width": 200}))

@@ -17,7 +17,11 @@ from lakepipe.cli.common import (
 )
 from lakepipe.sql import LakeSQL
 
-plot_app = typer.Typer(help="Draw figures from the lake (PNG).", no_args_is_help=True)
+plot_app = typer.Typer(
+    help="Draw figures from the lake (PNG).\n\n"
+    "Example: lakepipe plot lightcurve transient -p demo -o lc.png",
+    no_args_is_help=True,
+)
 app.add_typer(plot_app, name="plot")
 
 

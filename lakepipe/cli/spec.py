@@ -30,15 +30,23 @@ def validate(
 ) -> None:
     """Check a spec: prints ok, or every error as file:line: key.path: message (exit 2).
 
+    Also runs each stage's input checks (files it names, SQL syntax) where they need
+    no archive and no upstream rows.
+
     Example: lakepipe validate pipelines/demo.yaml
     """
+    from lakepipe.runner import preflight_spec
     from lakepipe.spec import load_spec
 
     try:
         loaded = load_spec(spec, tuple(set_ or ()))
+        preflight_spec(loaded)
     except SpecError as exc:
         for line in exc.errors:
             typer.echo(line)
+        raise typer.Exit(2) from None
+    except UserError as exc:
+        typer.echo(str(exc))
         raise typer.Exit(2) from None
     typer.echo(
         f"ok: {loaded.name} ({len(loaded.model.stages)} stages: "
