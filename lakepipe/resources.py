@@ -1,7 +1,10 @@
 """Locate files shipped with lakepipe (named pipelines, schemas).
 
-In a source checkout they are the top-level ``pipelines/`` and ``schemas/`` folders;
-in an installed wheel they are packaged under ``lakepipe/_data/``.
+An installed wheel carries them under ``lakepipe/_data/``. A source checkout (the
+package folder next to lakepipe's own ``pyproject.toml``, e.g. an editable install)
+uses the top-level ``pipelines/`` and ``schemas/`` folders instead, so edits there take
+effect at once. Nothing else is consulted: a stray ``site-packages/pipelines`` package
+next to an installed lakepipe cannot shadow the shipped pipelines.
 """
 
 from __future__ import annotations
@@ -11,12 +14,32 @@ from pathlib import Path
 _PKG = Path(__file__).resolve().parent
 
 
+def _in_checkout() -> bool:
+    """Whether the package sits in lakepipe's source checkout."""
+    pyproject = _PKG.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return False
+    import tomllib
+
+    try:
+        meta = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return meta.get("project", {}).get("name") == "lakepipe"
+
+
 def data_dir(name: str) -> Path:
     """Directory ``name`` (``pipelines`` or ``schemas``), from the checkout or the wheel."""
-    for candidate in (_PKG.parent / name, _PKG / "_data" / name):
+    candidates = [_PKG / "_data" / name]
+    if _in_checkout():
+        candidates.insert(0, _PKG.parent / name)
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"lakepipe data directory {name!r} not found under {_PKG}")
+    raise FileNotFoundError(
+        f"lakepipe data directory {name!r} not found (looked in "
+        f"{', '.join(str(c) for c in candidates)}); reinstall lakepipe"
+    )
 
 
 def pipelines_dir() -> Path:

@@ -58,13 +58,17 @@ def test_wheel_ships_pipelines_and_schemas(tmp_path):
 
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
+    # stray top-level packages named like the data folders must not shadow them
+    for stray in ("pipelines", "schemas"):
+        (target / stray).mkdir()
+        (target / stray / "__init__.py").write_text("")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("LAKEPIPE_PLUGINS", "PYTHONPATH")}
     env["PYTHONPATH"] = str(target)
     code = (
         "import lakepipe.resources as r, lakepipe.tables as t;"
-        "print(r.pipelines_dir()); print(r.schemas_dir()); print(sorted(t.contracts())[:1])"
+        "print(r.pipelines_dir()); print(r.schemas_dir()); print('exposures' in t.contracts())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True
@@ -73,3 +77,12 @@ def test_wheel_ships_pipelines_and_schemas(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == str(target / "lakepipe" / "_data" / "pipelines")
     assert lines[1] == str(target / "lakepipe" / "_data" / "schemas")
+    assert lines[2] == "True"  # the table contracts load from there
+
+
+def test_source_checkout_uses_its_own_folders():
+    # the editable install under test sits in the checkout: its edits take effect at once
+    import lakepipe.resources as r
+
+    assert r.pipelines_dir() == REPO / "pipelines"
+    assert r.schemas_dir() == REPO / "schemas"
