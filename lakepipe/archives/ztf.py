@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from astropy.io import fits
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lakepipe.archives.base import Archive, ArchiveParams, register_archive
 from lakepipe.archives.http import HttpClient, HttpParams, check_fits, reject_userinfo
@@ -270,12 +270,19 @@ class ZtfArchive(Archive):
         )
         http: HttpParams = Field(default_factory=HttpParams, description="Polite HTTP knobs")
 
+        @model_validator(mode="before")
+        @classmethod
+        def _no_login_in_base_url(cls, data: Any) -> Any:
+            # model level, so that error reports never echo the URL (and its password)
+            if isinstance(data, dict) and isinstance(data.get("base_url"), str):
+                reject_userinfo(data["base_url"], "base_url")
+            return data
+
         @field_validator("base_url")
         @classmethod
         def _check_base_url(cls, v: str) -> str:
             if urlsplit(v).scheme not in ("http", "https"):
-                raise ValueError(f"base_url must be an http(s):// URL (got {v!r})")
-            reject_userinfo(v, "base_url")
+                raise ValueError("base_url must be an http:// or https:// URL")
             return v
 
     params: Params

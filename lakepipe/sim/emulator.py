@@ -23,16 +23,20 @@ program_interface/ztf_api.html, ztf_metadata.html, ibe/cutouts.html), CDS XMatch
 Faults (:class:`Faults`, seeded) make it a hostile archive: 503 bursts, 429 with
 ``Retry-After`` (random bursts, and for clients faster than ``max_rate_per_s``), slow
 responses, connections dropped mid-body, truncated and corrupt FITS. Every request is
-logged (:attr:`ArchiveEmulator.log`: time, method, path, status, bytes, fault) so tests
-can assert on what clients did. ``serve()`` runs it in the foreground for
-``lakepipe sim serve``.
+logged (:attr:`ArchiveEmulator.log` of :class:`LogEntry`: time, method, path, query,
+status, bytes, fault, Range, Basic-auth user name — never a password) so tests can
+assert on what clients did; ``log_file`` also appends each entry as a JSON line as it
+happens. ``serve()`` runs it in the foreground for ``lakepipe sim serve``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import datetime as dt
 import io
+import json
 import logging
 import math
 import re
@@ -40,15 +44,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lakepipe.archives.cds import VIZIER_COLUMNS
 
@@ -58,11 +63,13 @@ JD_MJD_OFFSET = 2400000.5  # JD = MJD + 2400000.5
 FILTER_IDS = {"zg": 1, "zr": 2, "zi": 3}  # ZTF fid
 ZTF_NIGHT0_MJD = 58119.0  # 2018-01-01: origin of the emulated nid (ZTF night index)
 
-#: Column order of IBE ``ztf/products/sci`` CSV answers (ZTF science-exposure metadata).
+#: Column order of IBE ``ztf/products/sci`` CSV answers (ZTF science-exposure metadata,
+#: IRSA ztf_metadata.html). The real table has no photometric zeropoint: clients read it
+#: from the image header's MAGZP card.
 IBE_SCI_COLUMNS = (
     "ra", "dec", "infobits", "field", "ccdid", "qid", "rcid", "fid", "filtercode", "pid",
     "nid", "expid", "itid", "imgtype", "imgtypecode", "obsdate", "obsjd", "exptime",
-    "filefracday", "seeing", "airmass", "moonillf", "moonesb", "maglimit", "magzp",
+    "filefracday", "seeing", "airmass", "moonillf", "moonesb", "maglimit",
     "crpix1", "crpix2", "crval1", "crval2", "cd11", "cd12", "cd21", "cd22",
     "ra1", "dec1", "ra2", "dec2", "ra3", "dec3", "ra4", "dec4", "ipac_pub_date", "ipac_gid",
 )  # fmt: skip
@@ -111,6 +118,22 @@ class Faults(BaseModel):
     corrupt_prob: float = Field(0.0, ge=0, le=1, description="Serve a FITS with a bad header")
     down: bool = Field(False, description="Answer every request with 503 (archive down)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """Unknown fault names get a did-you-mean and the list of every fault."""
+        if isinstance(data, dict):
+            from lakepipe.registry import did_you_mean
+
+            names = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(
+                        f"unknown fault {key!r}.{did_you_mean(str(key), names)} "
+                        f"Available: {', '.join(names)}"
+                    )
+        return data
+
 
 @dataclass(frozen=True)
 class LogEntry:
@@ -124,6 +147,13 @@ class LogEntry:
     bytes: int
     fault: str
     range: str | None
+    user: str | None = None  # HTTP Basic user name the client sent (never the password)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record, with the time also as ISO 8601 UTC."""
+        out = asdict(self)
+        out["time"] = dt.datetime.fromtimestamp(self.t, dt.UTC).isoformat()
+        return out
 
 
 # -- IBE metadata from the survey's exposures -----------------------------------------------
@@ -192,7 +222,6 @@ def ibe_metadata(exposures: pa.Table) -> pa.Table:
         "moonillf": [0.0] * n,
         "moonesb": [0.0] * n,
         "maglimit": col("mag_lim"),
-        "magzp": col("zeropoint_mag"),
     }
     for c in ("crpix1", "crpix2", "crval1", "crval2", "cd11", "cd12", "cd21", "cd22"):
         cols[c] = [None] * n  # WCS lives in the image headers
@@ -296,11 +325,13 @@ class ArchiveEmulator(ThreadingHTTPServer):
         faults: Faults | None = None,
         *,
         catalog_name: str = "I/355/gaiadr3",
+        log_file: str | Path | None = None,
     ) -> None:
         self.archive = archive
         self.faults = faults or Faults()
         self.catalog_name = catalog_name
         self.log: list[LogEntry] = []
+        self.log_file = Path(log_file) if log_file is not None else None
         self._log_lock = threading.Lock()
         self._gate = _Gate(self.faults)
         self._meta: pa.Table | None = None
@@ -389,6 +420,9 @@ class ArchiveEmulator(ThreadingHTTPServer):
     def record(self, entry: LogEntry) -> None:
         with self._log_lock:
             self.log.append(entry)
+            if self.log_file is not None:
+                with open(self.log_file, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry.to_dict()) + "\n")
         log.info(
             "%s %s%s -> %d (%d bytes)%s",
             entry.method,
@@ -432,6 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
                 nbytes,
                 fault,
                 self.headers.get("Range"),
+                _basic_user(self.headers.get("Authorization")),
             )
         )
 
@@ -680,6 +715,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, out.getvalue().encode(), "text/csv")
 
 
+def _basic_user(header: str | None) -> str | None:
+    """User name of an HTTP Basic ``Authorization`` header (RFC 7617), else None."""
+    if not header or not header.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.split(":", 1)[0]
+
+
 def _csv_vals(vals: list) -> Iterator[str]:
     for v in vals:
         yield "" if v is None else repr(v) if isinstance(v, float) else str(v)
@@ -733,14 +779,16 @@ def serve(
     *,
     ready: Callable[[ArchiveEmulator], None] | None = None,
     stop: threading.Event | None = None,
+    log_file: str | Path | None = None,
 ) -> list[LogEntry]:
     """Run the emulator in the foreground (``lakepipe sim serve``) until Ctrl-C or ``stop``.
 
     ``ready`` is called with the running server (its ``url`` has the bound port, useful
-    with ``port=0``). Each request is logged at INFO on ``lakepipe.sim.emulator``.
+    with ``port=0``). Each request is logged at INFO on ``lakepipe.sim.emulator`` and,
+    with ``log_file``, appended there as a JSON line (:meth:`LogEntry.to_dict`).
     Returns the request log.
     """
-    emu = ArchiveEmulator(archive, host, port, faults).start()
+    emu = ArchiveEmulator(archive, host, port, faults, log_file=log_file).start()
     log.info("archive emulator listening on %s", emu.url)
     if ready is not None:
         ready(emu)

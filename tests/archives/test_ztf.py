@@ -95,6 +95,8 @@ def test_exposures_match_the_survey(emu, survey) -> None:
                 assert g[k] == pytest.approx(v, abs=1e-8)
             elif k == "sky_adu":  # from the header's SKYLEV card, written to 1e-4 ADU
                 assert g[k] == pytest.approx(v, abs=6e-5)
+            elif k == "zeropoint_mag":  # IBE has none: the MAGZP card, written to 1e-5 mag
+                assert g[k] == pytest.approx(v, abs=5.1e-6)
             elif isinstance(v, float):
                 assert g[k] == pytest.approx(v, rel=1e-12), k
             else:
@@ -368,6 +370,8 @@ def test_pipeline_on_ztf_emulator_matches_sim(tmp_path) -> None:
                 assert z[k] == pytest.approx(v, abs=1e-8)
             elif k == "sky_adu":
                 assert z[k] == pytest.approx(v, abs=6e-5)
+            elif k == "zeropoint_mag":  # from the MAGZP header card (IBE has no zeropoint)
+                assert z[k] == pytest.approx(v, abs=5.1e-6)
             else:
                 assert z[k] == v, k
     assert len(sim_cuts) == len(ztf_cuts) > 0
@@ -379,3 +383,101 @@ def test_pipeline_on_ztf_emulator_matches_sim(tmp_path) -> None:
             a, b = _pixels(sim_report.lake, s["path"]), _pixels(ztf_report.lake, z["path"])
             assert np.array_equal(a, b, equal_nan=True)  # same pixels
     assert "ok" in statuses
+
+
+# -- CCD/quadrant selection, politeness of workers, credentials -------------------------------
+
+
+def test_ccd_and_quadrant_ids_go_into_where(emu, survey) -> None:
+    p = search_params(ExposureQuery(ccd_ids=[2, 5], quadrant_ids=[1]))
+    assert p["WHERE"] == "ccdid IN (2, 5) AND qid IN (1)"
+    for bad in ({"ccd_ids": [17]}, {"quadrant_ids": [0]}, {"ccd_ids": []}):
+        with pytest.raises(ValueError, match=r"ZTF (ccd|quadrant)_ids are"):
+            search_params(ExposureQuery(**bad))
+    ztf = archive(emu.url)
+    got = ztf.exposures(ExposureQuery(ccd_ids=[2]))
+    # truth: the survey's own rows on CCD 2 (field 601 of the small survey)
+    want = [r["exposure_id"] for r in survey.exposures(None).to_pylist() if r["ccdid"] == 2]
+    assert sorted(got.column("exposure_id").to_pylist()) == sorted(want) and len(want) == 4
+    assert "ccdid IN (2)" in emu.log[0].query.replace("+", " ").replace("%28", "(").replace(
+        "%29", ")"
+    )
+    assert ztf.exposures(ExposureQuery(quadrant_ids=[2])).num_rows == 0  # all on qid 1
+    assert ExposureQuery(ccd_ids=[2]).select(survey.exposures(None)).sum() == 4
+
+
+def test_zeropoint_comes_from_the_image_header(emu, survey) -> None:
+    """IBE's sci table has no zeropoint: MAGZP is read from the header (Range request)."""
+    want = {r["exposure_id"]: r["zeropoint_mag"] for r in survey.exposures(WHERE).to_pylist()}
+    got = archive(emu.url).exposures(WHERE)
+    ids, values = got.column("exposure_id").to_pylist(), got.column("zeropoint_mag").to_pylist()
+    zps = dict(zip(ids, values, strict=True))
+    assert zps.keys() == want.keys() and len(want) > 0
+    for eid, zp in want.items():
+        # the sim writes MAGZP rounded to 5 decimals (lakepipe/sim/fitsio.py)
+        assert zps[eid] == pytest.approx(zp, abs=5.1e-6)
+    no_headers = ZtfArchive(
+        ZtfArchive.Params(base_url=emu.url, header_columns=False, http=http_params())
+    ).exposures(WHERE)
+    assert set(no_headers.column("zeropoint_mag").to_pylist()) == {None}
+
+
+def _cred_spec(tmp_path, url: str) -> object:
+    path = tmp_path / "creds.yaml"
+    path.write_text(
+        "name: creds\n"
+        f"lake: {tmp_path / 'lake'}\n"
+        f"archive: {{kind: ztf, base_url: '{url}', http: {{rate_limit_per_s: 200,"
+        " netrc: false, backoff_base_s: 0.01}}\n"
+        "stages:\n"
+        "  exposures: {kind: exposures, where: {ra: 150.0, dec: 2.2, radius_deg: 0.1}}\n"
+        "  cutouts: {kind: cutouts, inputs: [exposures], size_arcsec: 40,"
+        " targets: [{id: a, ra: 150.0, dec: 2.2}]}\n"
+    )
+    return path
+
+
+def test_login_reaches_the_archive_never_the_lake_and_workers_do_not_search(
+    tmp_path, monkeypatch
+) -> None:
+    """Issue 7: credentials are sent but never written to the lake; a worker that did not
+    run the search takes image URLs from the lake's exposures rows (no search each)."""
+    from lakepipe.runner import run_pipeline
+
+    password = "pw-Zq81-never-in-the-lake"
+    monkeypatch.setenv("LAKEPIPE_IRSA_USER", "irsa-user")
+    monkeypatch.setenv("LAKEPIPE_IRSA_PASSWORD", password)
+    with ArchiveEmulator(small_sim()) as emu:
+        spec = _cred_spec(tmp_path, emu.url)
+        first = run_pipeline(spec, workers=1)
+        assert first.failed == 0
+        n_first = len(emu.log)
+        searches_first = sum(e.path.startswith("/ibe/search/") for e in emu.log)
+        # a new cutout size: a fresh archive instance fetches every cutout again
+        second = run_pipeline(spec, workers=1, overrides=["stages.cutouts.size_arcsec=30"])
+        assert second.failed == 0 and second.executed > 0
+        later = emu.log[n_first:]
+    assert searches_first >= 1
+    assert {e.user for e in emu.log} == {"irsa-user"}  # truth: every request carried it
+    cutouts = [e for e in later if "center=" in e.query]
+    assert len(cutouts) > 0
+    # truth: the second run sent no metadata search at all (before: one per exposure)
+    assert [e.path for e in later if e.path.startswith("/ibe/search/")] == []
+    lake = tmp_path / "lake"
+    files = [p for p in lake.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    import base64
+
+    secrets = (password.encode(), base64.b64encode(f"irsa-user:{password}".encode()))
+    leaked = [str(p) for p in files for s in secrets if s in p.read_bytes()]
+    assert leaked == []
+
+
+def test_login_inside_base_url_is_a_spec_error(tmp_path) -> None:
+    from lakepipe.errors import SpecError
+    from lakepipe.spec import load_spec
+
+    spec = _cred_spec(tmp_path, "https://eve:pw-Zq81@irsa.example.org")
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert "must not carry a login" in str(err.value) and "pw-Zq81" not in str(err.value)

@@ -267,3 +267,39 @@ def test_serve_runs_until_stopped(survey) -> None:
     stop.set()
     thread.join(timeout=30)
     assert not thread.is_alive() and [e.status for e in started[0].log] == [200]
+
+
+def test_ibe_columns_are_irsas_sci_table() -> None:
+    """IRSA's ztf/products/sci metadata (ztf_metadata.html) has no zeropoint column;
+    the client takes MAGZP from the image header instead."""
+    assert "magzp" not in IBE_SCI_COLUMNS
+    assert IBE_SCI_COLUMNS[:10] == (
+        "ra", "dec", "infobits", "field", "ccdid", "qid", "rcid", "fid", "filtercode", "pid",
+    )  # fmt: skip
+
+
+def test_unknown_fault_lists_the_faults() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        Faults(**{"error_503_prb": 0.2})
+    msg = str(err.value)
+    assert "unknown fault 'error_503_prb'" in msg and "Did you mean 'error_503_prob'?" in msg
+    assert "Available: seed, error_503_prob," in msg and "down" in msg
+
+
+def test_log_records_user_never_password_and_log_file(survey, tmp_path) -> None:
+    import json
+
+    log_file = tmp_path / "requests.jsonl"
+    with ArchiveEmulator(survey, log_file=log_file) as e:
+        requests.get(e.url + SEARCH, params={"ct": "csv", "WHERE": "1=0"}, timeout=30)
+        requests.get(e.url + "/nowhere", auth=("irsa-user", "pw-xyz"), timeout=30)
+    assert [(x.path, x.status, x.user) for x in e.log] == [
+        (SEARCH, 200, None),
+        ("/nowhere", 404, "irsa-user"),
+    ]
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [x.to_dict() for x in e.log] == lines  # the file holds the same records
+    assert {"t", "time", "method", "path", "status", "fault"} <= set(lines[0])
+    assert lines[0]["time"].startswith("20") and "pw-xyz" not in log_file.read_text()
