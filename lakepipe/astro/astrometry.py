@@ -39,16 +39,19 @@ import datetime as dt
 import io
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from lakepipe.errors import InputNotFoundError, ParseError
+from lakepipe.errors import InputNotFoundError, ParseError, UserError
 
 __all__ = [
     "ASTROMETRY_SCHEMA",
+    "AdesContext",
     "format_ades_psv",
     "format_mpc80",
     "make_astrometry",
@@ -404,6 +407,30 @@ def parse_mpc80(
     return table
 
 
+_MPC_TEMPORARY = re.compile(r"^[A-Za-z0-9]{1,7}$")
+
+
+def _mpc80_designation(designation: str) -> str:
+    """Columns 1-12 content of a designation (packed), or a UserError with the fix.
+
+    MPC 80-column records hold a packed number, a packed provisional designation or a
+    temporary designation of at most 7 letters and digits (OpticalObs.html).
+    """
+    try:
+        packed = pack_designation(designation)
+    except ValueError as exc:
+        raise UserError(f"MPC 80-column export: {exc}") from None
+    if designation.strip().isdigit() or _MPC_TEMPORARY.match(packed):
+        return packed
+    raise UserError(
+        f"MPC 80-column export: designation {designation!r} does not fit columns 1-12: they "
+        "hold a number, a provisional designation (2025 AB1, written packed as K25A01B) or a "
+        "temporary designation of at most 7 letters/digits. Rename it in the query "
+        "(e.g. select 'LP00001' as designation, ...)"
+        + (", or export --format ades, whose trkSub allows 8." if len(packed) <= 8 else ".")
+    )
+
+
 def format_mpc80(table: pa.Table, *, day_decimals: int = 6) -> list[str]:
     """MPC 80-column records of an astrometry table (RA to 0.001 s, Dec to 0.01").
 
@@ -413,12 +440,10 @@ def format_mpc80(table: pa.Table, *, day_decimals: int = 6) -> list[str]:
         raise ValueError(f"day_decimals must be 5 or 6 (got {day_decimals})")
     lines = []
     for row in table.to_pylist():
-        packed = pack_designation(row["designation"])
+        packed = _mpc80_designation(row["designation"])
         if _PACKED_NUMBER.match(packed) and row["designation"].isdigit():
             cols1_12 = f"{packed:<5}" + " " * 7
         else:
-            if len(packed) > 7:
-                raise ValueError(f"designation too long for MPC format: {row['designation']!r}")
             cols1_12 = " " * 5 + f"{packed:>7}"
         note2 = _MODE_NOTE2.get(row.get("mode") or "CCD", "C")
         y, mo, day = _mjd_to_calendar(row["mjd"], day_decimals)
@@ -537,35 +562,165 @@ def parse_ades_psv(
 
 
 _ADES_FIELDS = ("permID", "provID", "trkSub", "mode", "stn", "obsTime", "ra", "dec",
-                "rmsRA", "rmsDec", "mag", "band")  # fmt: skip
+                "rmsRA", "rmsDec", "astCat", "mag", "band")  # fmt: skip
+# ADES 2017 submit schema (IAU-ADES/ADES-Master xsd/submit.xsd) value types
+_ADES_TRKSUB = re.compile(r"^[-A-Za-z0-9_]{1,8}$")  # BaseTrkSubType, maxLength 8
+_ADES_CAT = re.compile(r"^[.A-Za-z0-9_]{1,8}$")  # CatType
+_ADES_BAND = re.compile(r"^[A-Za-z0-9_]{1,3}$")  # BandType
+# Telescope details of stations whose instrument is known (MPC TelescopeDetails.html terms);
+# other stations get placeholders to replace with --opt before a submission.
+_TELESCOPES = {"I41": ("Palomar 48-inch Samuel Oschin Schmidt", "Schmidt", 1.22, "CCD")}
 
 
-def format_ades_psv(table: pa.Table) -> list[str]:
-    """ADES PSV lines (version 2017) of an astrometry table, one obsContext per station."""
+_ADES_OPTION_ALIASES = {
+    "astCat": "ast_cat",
+    "aperture": "telescope_aperture",
+    "design": "telescope_design",
+    "detector": "telescope_detector",
+}
+
+
+@dataclass(frozen=True)
+class AdesContext:
+    """The ADES obsContext header of a PSV file, and the astrometric catalogue.
+
+    The 2017 submit schema requires, per obsContext: ``observatory`` (``mpcCode``),
+    ``submitter`` (``name``), ``observers`` and ``measurers`` (one ``name`` or more) and
+    ``telescope`` (``design``, ``aperture`` in m, ``detector``); every optical record
+    needs ``astCat``, the catalogue its reference stars came from.
+
+    ``ast_cat`` defaults to ``Gaia3`` (Gaia DR3, an MPC catalogue code): lakepipe's
+    astrometry is calibrated against Gaia-like catalogues (the virtual survey's
+    reference stars stand in for Gaia DR3; ZTF's WCS are fitted to Gaia). Override it
+    (``--opt astCat=UCAC4``) when the detections were calibrated against another one.
+    Names default to ``lakepipe user``: replace them before submitting to the MPC.
+    """
+
+    submitter: str = "lakepipe user"
+    institution: str | None = None
+    observers: tuple[str, ...] = ()
+    measurers: tuple[str, ...] = ()
+    observatory_name: str | None = None
+    telescope_name: str | None = None
+    telescope_design: str | None = None
+    telescope_aperture: float | None = None
+    telescope_detector: str | None = None
+    ast_cat: str = "Gaia3"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> AdesContext:
+        """From export options (``--opt submitter='A. Observer'``, ``observers='A, B'``,
+        ``telescope_aperture=1.22``, ``astCat=Gaia3``); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for key, value in options.items():
+            k = _ADES_OPTION_ALIASES.get(key, key)
+            if k not in names or value is None:
+                continue
+            if k in ("observers", "measurers"):
+                items = value.split(",") if isinstance(value, str) else list(value)
+                value = tuple(str(v).strip() for v in items if str(v).strip())
+            elif k == "telescope_aperture":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise UserError(
+                        f"--opt telescope_aperture: metres, e.g. 1.22 (got {value!r})"
+                    ) from None
+                if not value > 0:
+                    raise UserError(f"--opt telescope_aperture must be > 0 m (got {value})")
+            else:
+                value = str(value)
+            kw[k] = value
+        ctx = cls(**kw)
+        if not _ADES_CAT.match(ctx.ast_cat):
+            raise UserError(
+                f"--opt astCat={ctx.ast_cat!r}: an MPC catalogue code of up to 8 letters, "
+                "digits, '.' or '_' (Gaia3, Gaia2, UCAC4, ...; MPC CatalogueCodes.html)"
+            )
+        return ctx
+
+    def header(self, code: str) -> list[str]:
+        """The obsContext header lines of station ``code``."""
+        from lakepipe.astro.observatories import OBSERVATORIES
+
+        site = OBSERVATORIES.get(code)
+        tel = _TELESCOPES.get(code, (None, "Reflector", 1.0, "CCD"))
+        name = self.observatory_name or (site.name if site is not None else None)
+        out = ["# observatory", f"! mpcCode {code}"] + ([f"! name {name}"] if name else [])
+        out += ["# submitter", f"! name {self.submitter}"]
+        out += [f"! institution {self.institution}"] if self.institution else []
+        for block, people in (("observers", self.observers), ("measurers", self.measurers)):
+            out += [f"# {block}"] + [f"! name {n}" for n in people or (self.submitter,)]
+        tel_name = self.telescope_name or tel[0]
+        out += ["# telescope"] + ([f"! name {tel_name}"] if tel_name else [])
+        out += [
+            f"! design {self.telescope_design or tel[1]}",
+            f"! aperture {self.telescope_aperture or tel[2]:g}",
+            f"! detector {self.telescope_detector or tel[3]}",
+        ]
+        return out
+
+
+def _ades_ids(designation: str) -> tuple[str, str, str]:
+    """(permID, provID, trkSub) of a designation, or a UserError naming the fix."""
+    d = designation.strip()
+    if d.isdigit():
+        return d, "", ""
+    if _UNPACKED_PROV.match(d) or _UNPACKED_SURVEY.match(d):
+        return "", d, ""
+    if _ADES_TRKSUB.match(d):
+        return "", "", d
+    raise UserError(
+        f"ADES export: designation {designation!r} is neither a number (permID), a "
+        "provisional designation such as '2025 AB1' (provID), nor a valid trkSub (at most "
+        "8 characters of letters, digits, '-' and '_'). Give the object a short tracklet "
+        "id in the query (e.g. select 'LP00001' as designation, ...)."
+    )
+
+
+def _ades_band(band: str | None, designation: str) -> str:
+    if band and not _ADES_BAND.match(band):
+        raise UserError(
+            f"ADES export: band {band!r} of {designation!r} is not an ADES band code "
+            "(up to 3 letters/digits, e.g. g, r, V, Gr)"
+        )
+    return band or ""
+
+
+def format_ades_psv(table: pa.Table, context: AdesContext | None = None) -> list[str]:
+    """ADES PSV lines (version 2017) of an astrometry table, one obsContext per station.
+
+    Each block has the header the ADES submit schema requires (see :class:`AdesContext`)
+    and the fields ``permID|provID|trkSub|mode|stn|obsTime|ra|dec|rmsRA|rmsDec|astCat|
+    mag|band``. A designation that is no number, provisional designation or trkSub (8
+    characters) raises :class:`~lakepipe.errors.UserError`.
+    """
+    ctx = context or AdesContext()
     rows = table.to_pylist()
     out = ["# version=2017"]
     for code in dict.fromkeys(r["obs_code"] for r in rows):
-        out += ["# observatory", f"! mpcCode {code}", "|".join(_ADES_FIELDS)]
+        out += [*ctx.header(code), "|".join(_ADES_FIELDS)]
         for r in rows:
             if r["obs_code"] != code:
                 continue
-            des = r["designation"]
-            perm = des if des.isdigit() else ""
-            prov = des if not perm and pack_designation(des) != des else ""
-            trk = des if not perm and not prov else ""
-            mag = f"{r['mag']:.2f}" if r.get("mag") is not None else ""
-            band = (r.get("band") or "") if mag else ""
+            perm, prov, trk = _ades_ids(r["designation"])
+            has_mag = r.get("mag") is not None and bool(r.get("band"))  # mag needs band
+            mag = f"{r['mag']:.2f}" if has_mag else ""
+            band = _ades_band(r.get("band"), r["designation"]) if has_mag else ""
+            ra = f"{r['ra'] % 360.0:.8f}"
+            ra = "0.00000000" if ra == "360.00000000" else ra  # ra < 360 in the schema
             cells = [perm, prov, trk, r.get("mode") or "CCD", code, mjd_to_iso(r["mjd"], 3),
-                     f"{r['ra']:.8f}", f"{r['dec']:+.8f}", f"{r['sigma_ra_arcsec']:.4f}",
-                     f"{r['sigma_dec_arcsec']:.4f}", mag, band]  # fmt: skip
+                     ra, f"{r['dec']:+.8f}", f"{r['sigma_ra_arcsec']:.4f}",
+                     f"{r['sigma_dec_arcsec']:.4f}", ctx.ast_cat, mag, band]  # fmt: skip
             out.append("|".join(cells))
     return out
 
 
-def write_ades_psv(table: pa.Table, path: str | Path) -> Path:
+def write_ades_psv(table: pa.Table, path: str | Path, context: AdesContext | None = None) -> Path:
     """Write an astrometry table as ADES PSV; returns the path."""
     path = Path(path)
-    path.write_text("\n".join(format_ades_psv(table)) + "\n", encoding="utf-8")
+    path.write_text("\n".join(format_ades_psv(table, context)) + "\n", encoding="utf-8")
     return path
 
 

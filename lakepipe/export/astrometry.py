@@ -5,6 +5,18 @@ The table needs the columns of :data:`lakepipe.astro.astrometry.ASTROMETRY_SCHEM
 common lake names are accepted too (``object_id`` for ``designation``, ``sigma_arcsec``
 for both sigmas, ``filter`` for ``band``), and ``--opt obs_code=I41`` supplies a station
 for tables without one. The record layouts are written by ``lakepipe.astro.astrometry``.
+
+ADES options fill the obsContext header the ADES submit schema requires and the
+astrometric catalogue of every record (:class:`lakepipe.astro.astrometry.AdesContext`)::
+
+    lakepipe export --sql "select * from recoveries where accepted" -f ades -o rec.psv \
+        --opt submitter="A. Observer" --opt observers="A. Observer, B. Helper" \
+        --opt measurers="A. Observer" --opt institution="Some Observatory" \
+        --opt telescope_design=Schmidt --opt telescope_aperture=1.22 \
+        --opt telescope_detector=CCD --opt astCat=Gaia3
+
+Designations that ADES (trkSub: 8 characters) or the 80-column records (7) cannot hold
+are refused with the fix instead of being truncated.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from lakepipe.astro.astrometry import format_ades_psv, format_mpc80, make_astrometry
+from lakepipe.astro.astrometry import AdesContext, format_ades_psv, format_mpc80, make_astrometry
 from lakepipe.errors import UserError
 from lakepipe.export.base import ExportMeta, register_format
 
@@ -69,7 +81,8 @@ def as_astrometry(table: pa.Table, options: dict[str, Any]) -> pa.Table:
 @register_format("ades", suffixes=(".psv", ".ades"))
 def write_ades(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
     """IAU ADES PSV (version 2017) astrometry for submission to the MPC."""
-    lines = format_ades_psv(as_astrometry(table, meta.options))
+    context = AdesContext.from_options(meta.options)
+    lines = format_ades_psv(as_astrometry(table, meta.options), context)
     out.write(("\n".join(lines) + "\n").encode())
 
 
