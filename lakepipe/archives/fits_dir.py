@@ -60,6 +60,11 @@ _TIME_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 _CLOCK_KEYS = ("TIME-OBS", "UT", "UTSTART", "UT-START")
 
+# EXTNAMEs of per-pixel planes that accompany a science image (bad-pixel masks, data
+# quality, weights, variance): never exposures themselves. The first five are masks.
+_MASK_EXTNAMES = ("MASK", "BPM", "DQ", "FLAGS", "BADPIX")
+_AUX_EXTNAMES = (*_MASK_EXTNAMES, "WEIGHT", "WHT", "ERR", "VAR", "VARIANCE", "RMS")
+
 
 class KeywordOverrides(BaseModel):
     """Header keyword names to use instead of the defaults (one per quantity)."""
@@ -116,6 +121,7 @@ class _Entry:
     relpath: str
     hdu: int
     row: dict[str, Any]
+    mask_hdu: int | None = None  # the HDU holding this image's bad-pixel mask
 
 
 def exposure_id_for(relpath: str, hdu: int) -> int:
@@ -168,6 +174,13 @@ class FitsDirArchive(Archive):
           hdu: all                    # or an index, a list of indices, or an EXTNAME
           keywords: {time: UTSTART, time_refers_to: start, filter: FILTER2}
           defaults: {filter: r, gain_e_per_adu: 1.6}
+          mask_hdu: BPM               # auto (default), none, an index or an EXTNAME
+          mask_bits: 5                # bad where mask & 5 != 0 (default: any non-zero)
+
+    Extensions named MASK, BPM, DQ, FLAGS, BADPIX, WEIGHT, WHT, ERR, VAR, VARIANCE or
+    RMS are per-pixel companions of an image, not exposures. A mask extension of the
+    image's shape (``mask_hdu``) is served by :meth:`mask`, which the ``sources`` stage
+    uses to ignore bad pixels and flag the sources on them.
 
     Time (converted to MJD UTC at mid-exposure), in order of preference (FITS Standard
     4.0 §9.4; Rots et al. 2015, A&A 574, A36): ``MJD-AVG``/``DATE-AVG`` (mid-exposure, used
@@ -197,6 +210,18 @@ class FitsDirArchive(Archive):
         )
         on_bad_file: Literal["error", "skip"] = Field(
             "error", description="A corrupt file fails the run (error) or is left out (skip)"
+        )
+        mask_hdu: Literal["auto", "none"] | int | str = Field(
+            "auto",
+            description="HDU holding each image's bad-pixel mask: auto (an extension named "
+            "MASK, BPM, DQ, FLAGS or BADPIX with the image's EXTVER, or the only one), none, "
+            "an index, or an EXTNAME (matched on EXTVER when several share it)",
+        )
+        mask_bits: int | None = Field(
+            None,
+            ge=1,
+            description="Bits of the mask that mark bad pixels (bad where mask & bits != 0); "
+            "default: any non-zero value",
         )
 
     params: Params
@@ -267,8 +292,9 @@ class FitsDirArchive(Archive):
     def _scan(self, path: Path, rel: str) -> Iterator[_Entry]:
         with _open_fits(path) as hdul:
             primary = hdul[0].header
+            masks = self._mask_hdus(hdul, path)
             for i, hdu in enumerate(hdul):
-                if not self._selected(i, hdu):
+                if i in masks.values() or not self._selected(i, hdu):
                     continue
                 header = _merged_header(primary, hdu.header) if i else hdu.header
                 try:
@@ -280,12 +306,46 @@ class FitsDirArchive(Archive):
                         f"{path}[{i}]: selected HDU has no celestial WCS; choose another "
                         "`archive.hdu` or add CTYPE/CRVAL/CRPIX/CD keywords"
                     ) from None
-                yield _Entry(rel, i, self._row(path, rel, i, header, wcs))
+                yield _Entry(rel, i, self._row(path, rel, i, header, wcs), masks.get(i))
+
+    def _mask_hdus(self, hdul: fits.HDUList, path: Path) -> dict[int, int]:
+        """{image HDU index: its mask HDU index} for the file (``mask_hdu``)."""
+        sel = self.params.mask_hdu
+        if sel == "none":
+            return {}
+        images = [
+            i
+            for i, h in enumerate(hdul)
+            if _is_image(h) and h.header.get("NAXIS", 0) == 2 and _extname(h) not in _AUX_EXTNAMES
+        ]
+        if isinstance(sel, int):
+            if not 0 <= sel < len(hdul) or not _is_image(hdul[sel]):
+                raise ParseError(
+                    f"{path}: archive.mask_hdu {sel} is not an image HDU of the file "
+                    f"(it has {len(hdul)} HDUs); fix `archive.mask_hdu`"
+                )
+            return {i: sel for i in images if i != sel}
+        names = _MASK_EXTNAMES if sel == "auto" else (sel.strip().upper(),)
+        cands = [i for i, h in enumerate(hdul) if _is_image(h) and _extname(h) in names]
+        if not cands:
+            if sel != "auto":
+                raise ParseError(
+                    f"{path}: no HDU named {sel!r} (archive.mask_hdu); the file has "
+                    f"{', '.join(_extname(h) or '(unnamed)' for h in hdul)}"
+                )
+            return {}
+        out = {}
+        for i in images:
+            ver = hdul[i].header.get("EXTVER", 1)
+            same = [c for c in cands if hdul[c].header.get("EXTVER", 1) == ver]
+            pick = same[0] if same else (cands[0] if len(cands) == 1 else None)
+            if pick is not None and pick != i:
+                out[i] = pick
+        return out
 
     def _selected(self, i: int, hdu: Any) -> bool:
         sel = self.params.hdu
-        is_image = isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU)
-        if not is_image or hdu.header.get("NAXIS", 0) != 2:
+        if not _is_image(hdu) or hdu.header.get("NAXIS", 0) != 2:
             if isinstance(sel, int) and sel == i:
                 raise ParseError(
                     f"HDU {i} is not a 2-D image (it is {type(hdu).__name__}); choose another "
@@ -293,7 +353,7 @@ class FitsDirArchive(Archive):
                 )
             return False
         if sel == "all":
-            return True
+            return _extname(hdu) not in _AUX_EXTNAMES
         if isinstance(sel, int):
             return i == sel
         if isinstance(sel, list):
@@ -456,6 +516,36 @@ class FitsDirArchive(Archive):
             header = fits.Header([c for c in header.cards if not c.keyword.startswith("Z")])
         return header, data.astype(dtype, copy=False)
 
+    def mask(self, exposure_id: int) -> np.ndarray | None:
+        """Bad pixels (True = bad) of the exposure from its mask HDU, or None.
+
+        A pixel is bad where ``mask & mask_bits`` is non-zero (any non-zero value when
+        ``mask_bits`` is unset, or when the mask holds non-integer values).
+        """
+        e = self._entry(exposure_id)
+        if e.mask_hdu is None:
+            return None
+        path = self.root / e.relpath
+        with _open_fits(path) as hdul:
+            try:
+                values = np.asarray(hdul[e.mask_hdu].data)
+            except Exception as exc:
+                raise ParseError(
+                    f"{path}[{e.mask_hdu}]: cannot read the mask ({type(exc).__name__}: "
+                    f"{exc}); fix the file or set `archive.mask_hdu: none`"
+                ) from None
+            shape = tuple(int(hdul[e.hdu].header.get(f"NAXIS{k}", 0)) for k in (2, 1))
+        if values.shape != shape:
+            raise ParseError(
+                f"{path}[{e.mask_hdu}]: mask shape {values.shape} differs from image "
+                f"[{e.hdu}] shape {shape}; set `archive.mask_hdu` to the right extension "
+                "or none"
+            )
+        bits = self.params.mask_bits
+        if bits is not None and np.issubdtype(values.dtype, np.integer):
+            return (values.astype(np.int64) & int(bits)) != 0
+        return values != 0
+
     def image_fits(self, exposure_id: int) -> bytes:
         """The exposure as a one-HDU FITS file (merged header, float data)."""
         header, data = self.image(exposure_id)
@@ -492,6 +582,14 @@ def _open_fits(path: Path) -> Iterator[fits.HDUList]:
         yield hdul
     finally:
         hdul.close()
+
+
+def _is_image(hdu: Any) -> bool:
+    return isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU)
+
+
+def _extname(hdu: Any) -> str:
+    return str(hdu.header.get("EXTNAME", "")).strip().upper()
 
 
 def _raise_on_truncation(caught: list[warnings.WarningMessage], path: Path) -> None:

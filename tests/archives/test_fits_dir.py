@@ -294,3 +294,44 @@ def test_make_cutout_edges_and_centring(x, y, status):
     ok = np.isfinite(cut)
     yy, xx = np.nonzero(ok)
     np.testing.assert_array_equal(cut[ok], data[yy + y0, xx + x0])
+
+
+def test_mask_extensions_are_masks_not_exposures(tmp_path):
+    # truth: two science images (EXTVER 1, 2) each followed by its own DQ plane with
+    # known bits, a WEIGHT plane with a WCS, and a differently named mask (BADMAP)
+    d = tmp_path / "images"
+    d.mkdir()
+    write_mef(
+        d / "a.fits",
+        [ImageSpec(150.0, 2.2, extname="SCI"), ImageSpec(150.05, 2.2, extname="SCI")],
+        with_table=False,
+    )
+    with fits.open(d / "a.fits", mode="update") as hdul:
+        wcs_card = hdul[1].header.copy()
+        for ver, h in ((1, hdul[1]), (2, hdul[2])):
+            h.header["EXTVER"] = ver
+            dq = np.zeros((100, 120), np.int32)
+            dq[10 * ver, :] = 1  # bit 1 on row 10 (ext 1) or 20 (ext 2)
+            dq[:, 5 * ver] = 8  # bit 8 on column 5 or 10
+            hdul.append(fits.ImageHDU(dq, name="DQ", ver=ver))
+        hdul.append(fits.ImageHDU(np.ones((100, 120), np.float32), wcs_card, name="WEIGHT"))
+        badmap = np.zeros((100, 120), np.uint8)
+        badmap[50, 60] = 1
+        hdul.append(fits.ImageHDU(badmap, name="BADMAP"))
+    a = archive(d)
+    rows = a.exposures().to_pylist()
+    # DQ and WEIGHT are companions; BADMAP is a 2-D image without a WCS
+    assert sorted(r["image_uri"][-3:] for r in rows) == ["[1]", "[2]"]
+    by_ext = {r["image_uri"][-3:]: r["exposure_id"] for r in rows}
+    m1, m2 = a.mask(by_ext["[1]"]), a.mask(by_ext["[2]"])
+    assert m1.shape == (100, 120)
+    assert m1[10].all() and m1[:, 5].all() and m1.sum() == 120 + 100 - 1
+    assert m2[20].all() and m2[:, 10].all() and m2[10].sum() == 1  # its own EXTVER
+    only8 = archive(d, mask_bits=8).mask(by_ext["[1]"])
+    assert only8[:, 5].all() and only8.sum() == 100
+    named = archive(d, mask_hdu="badmap")
+    assert len(named.exposures()) == 2
+    assert np.argwhere(named.mask(by_ext["[2]"])).tolist() == [[50, 60]]
+    assert archive(d, mask_hdu="none").mask(by_ext["[1]"]) is None
+    with pytest.raises(ParseError, match=r"no HDU named 'nope'.*SCI, SCI, DQ"):
+        archive(d, mask_hdu="nope").exposures()

@@ -441,3 +441,78 @@ def test_kron_flux_on_the_sim(local_kron_run):
     assert bright.sum() > 30
     ratio = det["flux_auto"][j[bright]] / truth["flux_adu"][idx[bright]]
     assert 0.97 < np.median(ratio) < 1.0
+
+
+def test_fits_dir_mask_extension_bits_and_exposure_detector_values(tmp_path):
+    # truth: two Gaussian stars of 2e4 counts; a hot bad column (60000 ADU) through the
+    # core of star A, marked with bit 4 in the MASK extension; star B's pixels carry
+    # bit 2 only, which mask_bits: 4 does not count as bad. GAIN is 1.5 in the header
+    # but the exposures row says 3.0 (keyword override) and saturation comes only from
+    # the archive's defaults: the stage must use the row's values.
+    from lakepipe.astro.wcs import celestial_wcs, sky_to_pixel
+    from tests.data.fits_images import ImageSpec, Star, render, wcs_header
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stars = [Star(150.1 + 0.004, 2.3 + 0.002, 2e4), Star(150.1 - 0.006, 2.3 - 0.003, 2e4)]
+    spec = ImageSpec(150.1, 2.3, naxis1=160, naxis2=140, distortion="sip", stars=stars)
+    header = wcs_header(spec)
+    data = render(spec, header) + np.random.default_rng(3).normal(0.0, 5.0, (140, 160))
+    (xa, xb), (ya, yb) = sky_to_pixel(
+        celestial_wcs(header), np.array([s.ra for s in stars]), np.array([s.dec for s in stars])
+    )
+    col = round(xa)
+    data[:, col] = 60000.0
+    mask = np.zeros((140, 160), np.int16)
+    mask[:, col] = 4
+    mask[round(yb) - 3 : round(yb) + 4, round(xb) - 3 : round(xb) + 4] = 2
+    primary = fits.PrimaryHDU()
+    for k, v in {"DATE-OBS": "2025-01-03T05:00:00", "EXPTIME": 30.0, "FILTER": "r"}.items():
+        primary.header[k] = v
+    primary.header["GAIN"], primary.header["EGAIN2"] = 1.5, 3.0
+    sci = fits.ImageHDU(data=data.astype(np.float32), name="SCI")
+    for card in header.cards:
+        if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
+            sci.header[card.keyword] = card.value
+    weight = fits.ImageHDU(data=np.ones((140, 160), np.float32), header=sci.header, name="WEIGHT")
+    dq = fits.ImageHDU(data=mask, name="MASK")
+    fits.HDUList([primary, sci, dq, weight]).writeto(folder / "a.fits")
+    archive = {
+        "kind": "fits_dir",
+        "path": "images",
+        "mask_bits": 4,
+        "keywords": {"gain_e_per_adu": "EGAIN2"},
+        "defaults": {"saturate_adu": 50000.0},
+    }
+    stages = {
+        "exposures": {"kind": "exposures"},
+        "sources": {
+            "kind": "sources",
+            "inputs": ["exposures"],
+            "image": "exposure",
+            "seeing": {"default_fwhm_pix": 2.5},
+        },
+    }
+    report = run_pipeline(write_spec(tmp_path, stages, archive), workers=1)
+    assert report.exit_code == 0, report
+    lake = Lake(tmp_path / "lake").reader()
+    (st,) = lake.read("image_stats").to_pylist()  # SCI only: MASK and WEIGHT are not images
+    assert st["gain_e_per_adu"] == 3.0 and st["saturate_adu"] == 50000.0
+    assert st["masked_fraction"] == pytest.approx(1 / 160)
+    src = _columns(lake.read("sources"))
+    for x, y, masked in ((xa, ya, True), (xb, yb, False)):
+        k = int(np.argmin(np.hypot(src["x"] - x, src["y"] - y)))
+        assert math.hypot(src["x"][k] - x, src["y"][k] - y) < 0.3
+        assert bool(src["flags"][k] & ph.FLAG_MASKED) is masked
+        assert not src["flags"][k] & ph.FLAG_SATURATED  # the masked column is not counted
+        # the column is interpolated from its neighbours: no 60000-ADU spike in the flux.
+        # Through the core of a 2.5-px FWHM star the neighbours' mean is ~0.64 of the
+        # peak column, so star A loses ~13% (hence the flag); star B is untouched.
+        true = 2e4 * (1 - 2**-16)
+        if masked:
+            assert 0.8 * true < src["flux"][k] < true
+        else:
+            assert src["flux"][k] == pytest.approx(true, rel=0.02)
+    # nothing detected along the hot column away from star A
+    on_col = (np.abs(src["x"] - col) < 2) & (np.abs(src["y"] - ya) > 5)
+    assert not on_col.any()
