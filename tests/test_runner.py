@@ -305,3 +305,65 @@ def test_mixed_failures_exit_1(toy_spec, tmp_path):
     )
     r = run_pipeline(spec, workers=1)
     assert r.failed == 2 and len(r.user_errors) == 1 and r.exit_code == 1
+
+
+def test_default_workers_is_usable_cores(monkeypatch):
+    # Truth: the process's CPU affinity, as the OS reports it (a pinned child sees one core).
+    import os
+    import subprocess
+    import sys
+
+    from lakepipe.config import default_workers
+
+    monkeypatch.delenv("LAKEPIPE_WORKERS", raising=False)
+    if not hasattr(os, "sched_getaffinity"):
+        assert default_workers() == (os.cpu_count() or 1)
+        return
+    assert default_workers() == len(os.sched_getaffinity(0))
+    first = min(os.sched_getaffinity(0))
+    code = (
+        f"import os; os.sched_setaffinity(0, {{{first}}}); "
+        "from lakepipe.config import default_workers; print(default_workers())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LAKEPIPE_WORKERS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    monkeypatch.setenv("LAKEPIPE_WORKERS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("LAKEPIPE_WORKERS", "0")  # not a worker count: the default again
+    assert default_workers() == len(os.sched_getaffinity(0))
+
+
+def test_lake_resolution_order(toy_spec, tmp_path, monkeypatch, cli):
+    """--lake > the spec's `lake:` > $LAKEPIPE_LAKE > lake/<name> (./lake for reads)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    named = toy_spec()  # names its lake: tmp_path/lake
+    raw = yaml.safe_load(named.read_text())
+    del raw["lake"]
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(yaml.safe_dump(raw))
+    env_lake = tmp_path / "env-lake"
+
+    def lake_of(spec: Path, **kw) -> Path:
+        return Path(run_pipeline(spec, workers=1, dry_run=True, **kw).lake)
+
+    monkeypatch.delenv("LAKEPIPE_LAKE", raising=False)
+    assert lake_of(unnamed) == tmp_path / "lake" / "toy"  # relative to the cwd
+    assert lake_of(named) == tmp_path / "lake"
+    monkeypatch.setenv("LAKEPIPE_LAKE", str(env_lake))
+    assert lake_of(named, lake=tmp_path / "cli-lake") == tmp_path / "cli-lake"
+    assert lake_of(named) == tmp_path / "lake"
+    assert lake_of(unnamed) == env_lake
+    # a real run writes there, and read commands without --lake/-p find it
+    r = cli("run", unnamed, "-j", "1", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert (env_lake / "_lake" / "manifest.json").is_file()
+    assert not (tmp_path / "lake" / "toy").exists()
+    r = cli("lake", "partitions", "toy_sums", "-f", "csv")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 5
+    monkeypatch.delenv("LAKEPIPE_LAKE")
+    r = cli("lake", "partitions", "toy_sums", "-f", "csv")
+    assert r.exit_code == 2 and f"lake {tmp_path / 'lake'} does not exist" in r.stderr
