@@ -72,11 +72,10 @@ def open_catalog(
     if config.kind == "archive":
         return ArchiveCatalog(archive, config)
     if config.kind == "cds":
-        from lakepipe.archives.cds import CdsCatalog, CdsParams
+        from lakepipe.archives.cds import CdsCatalog
 
-        return CdsCatalog(
-            CdsParams(table=config.table), config.columns, max_pm_mas_yr=config.max_pm_mas_yr
-        )
+        columns = config.columns if "columns" in config.model_fields_set else None
+        return CdsCatalog(config.cds_params(), columns, max_pm_mas_yr=config.max_pm_mas_yr)
     assert config.path is not None  # validated by CatalogConfig
     path = Path(config.path).expanduser()
     if not path.is_absolute():

@@ -9,6 +9,12 @@ A reference catalog is configured in a spec as::
                 mags: {g: phot_g_mean_mag, r: r_mag}, mag_errs: {g: g_err},
                 pmra: pmra, pmdec: pmdec, epoch: 2016.0}
 
+``kind: cds`` reads a VizieR table by cone instead, and takes the CDS client's knobs
+(:class:`lakepipe.archives.cds.CdsParams`: defaults there, one place) directly::
+
+    catalog: {kind: cds, table: I/355/gaiadr3, vizier_url: https://vizier.cds.unistra.fr,
+              row_limit: 1000000, http: {rate_limit_per_s: 2, contact: me@example.org}}
+
 Every reader returns the same *reference table*, whatever the source columns are:
 
 =============== ======= ====== ==============================================
@@ -42,11 +48,24 @@ import pyarrow.compute as pc
 from astropy_healpix import HEALPix
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lakepipe.archives.cds import CdsParams
+from lakepipe.archives.http import HttpParams, reject_userinfo
 from lakepipe.astro.crossmatch import angular_separation_arcsec
 from lakepipe.astro.healpix import HATS_ORDER
 from lakepipe.catalogs.epoch import mjd_to_jyear, propagate_proper_motion
 
 CatalogKind = Literal["auto", "parquet", "csv", "fits", "hats", "archive", "cds"]
+_CDS = CdsParams.model_fields
+#: CatalogConfig keys that are CdsParams knobs (only meaningful with ``kind: cds``)
+CDS_KEYS = (
+    "table",
+    "vizier_url",
+    "xmatch_url",
+    "row_limit",
+    "xmatch_chunk_rows",
+    "xmatch_max_rows",
+    "http",
+)
 MAX_RANGES = 64  # coarsen the HEALPix cover until a filter has at most this many ranges
 
 
@@ -108,8 +127,29 @@ class CatalogConfig(BaseModel):
         "own reference catalog (the virtual survey's); 'cds': a VizieR table by cone",
     )
     path: str | None = Field(None, description="File or folder (relative to the spec file)")
-    table: str = Field("I/355/gaiadr3", description="VizieR table, for kind: cds")
     columns: ColumnMap = Field(default_factory=ColumnMap)
+    # -- kind: cds (defaults and checks from CdsParams) --
+    table: str = Field(_CDS["table"].default, description="kind: cds: " + _CDS["table"].description)
+    vizier_url: str = Field(
+        _CDS["vizier_url"].default, description="kind: cds: " + _CDS["vizier_url"].description
+    )
+    xmatch_url: str = Field(
+        _CDS["xmatch_url"].default, description="kind: cds: " + _CDS["xmatch_url"].description
+    )
+    row_limit: int = Field(
+        _CDS["row_limit"].default, gt=0, description="kind: cds: " + _CDS["row_limit"].description
+    )
+    xmatch_chunk_rows: int = Field(
+        _CDS["xmatch_chunk_rows"].default,
+        gt=0,
+        description="kind: cds: " + _CDS["xmatch_chunk_rows"].description,
+    )
+    xmatch_max_rows: int = Field(
+        _CDS["xmatch_max_rows"].default,
+        gt=0,
+        description="kind: cds: " + _CDS["xmatch_max_rows"].description,
+    )
+    http: HttpParams = Field(default_factory=HttpParams, description="kind: cds: polite HTTP knobs")
     max_pm_mas_yr: float = Field(
         10500.0,
         ge=0,
@@ -118,11 +158,31 @@ class CatalogConfig(BaseModel):
         "epoch are not missed",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_login_in_urls(cls, data: object) -> object:
+        # model level, so that error reports never echo the URL (and its password)
+        if isinstance(data, dict):
+            for key in ("vizier_url", "xmatch_url"):
+                if isinstance(data.get(key), str):
+                    reject_userinfo(data[key], key)
+        return data
+
     @model_validator(mode="after")
     def _path_for_files(self) -> CatalogConfig:
         if self.kind not in ("archive", "cds") and not self.path:
             raise ValueError(f"catalog kind {self.kind!r} needs a path (file or folder)")
+        stray = [k for k in CDS_KEYS if k in self.model_fields_set]
+        if self.kind != "cds" and stray:
+            raise ValueError(
+                f"{', '.join(stray)}: only for catalog kind 'cds' (this one is "
+                f"{self.kind!r}); remove them or set kind: cds"
+            )
         return self
+
+    def cds_params(self) -> CdsParams:
+        """The CDS client's parameters from this config (``kind: cds``)."""
+        return CdsParams(**{k: getattr(self, k) for k in CDS_KEYS})
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,47 @@ def test_bad_configs(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(InputNotFoundError, match="set catalog kind"):
         open_catalog(CatalogConfig(path=str(tmp_path / "c.txt")))
+
+
+def test_cds_knobs_in_the_catalog_config(tmp_path: Path) -> None:
+    """`catalog: {kind: cds}` carries every CdsParams knob; other kinds refuse them;
+    an unknown key gets a did-you-mean from the spec loader."""
+    from lakepipe.archives.cds import CdsCatalog, CdsParams
+    from lakepipe.errors import SpecError
+    from lakepipe.spec import load_spec
+
+    cfg = CatalogConfig(
+        kind="cds",
+        table="I/350/gaiaedr3",
+        vizier_url="http://127.0.0.1:9/viz",
+        xmatch_url="http://127.0.0.1:9/xm",
+        row_limit=7,
+        xmatch_chunk_rows=3,
+        xmatch_max_rows=11,
+        http={"rate_limit_per_s": 2.0, "contact": "me@example.org"},
+    )
+    cat = open_catalog(cfg)
+    assert isinstance(cat, CdsCatalog)
+    assert cat.client.params == CdsParams(
+        table="I/350/gaiaedr3",
+        vizier_url="http://127.0.0.1:9/viz",
+        xmatch_url="http://127.0.0.1:9/xm",
+        row_limit=7,
+        xmatch_chunk_rows=3,
+        xmatch_max_rows=11,
+        http={"rate_limit_per_s": 2.0, "contact": "me@example.org"},
+    )
+    # one place for defaults: an empty cds config is CdsParams()
+    assert CatalogConfig(kind="cds").cds_params() == CdsParams()
+    with pytest.raises(ValueError, match="row_limit: only for catalog kind 'cds'"):
+        CatalogConfig(kind="archive", row_limit=5)
+    with pytest.raises(ValueError, match="must not carry a login") as err:
+        CatalogConfig(kind="cds", vizier_url="https://u:pw-x@vizier.example.org")
+    assert "pw-x" not in str(err.value).split("input_value")[0]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: s\nstages:\n  crossmatches: {kind: crossmatch, catalog: {kind: cds,"
+        " vizier_ur: 'http://127.0.0.1:9'}, radius_arcsec: 1.0}\n"
+    )
+    with pytest.raises(SpecError, match="Did you mean 'vizier_url'"):
+        load_spec(spec)
