@@ -37,7 +37,7 @@ from lakepipe.archives.query import ExposureQuery
 from lakepipe.errors import InputNotFoundError
 from lakepipe.sim import fitsio
 from lakepipe.sim.scene import VirtualSurvey
-from lakepipe.sim.survey import SurveyConfig
+from lakepipe.sim.survey import FILTERS, SurveyConfig
 
 CUTOUT_STATUSES = ("ok", "partial", "off_chip")
 # Bump when the survey's output (schedule, pixels, truth) changes for the same params, so
@@ -75,6 +75,8 @@ class SimArchive(Archive):
         pass
 
     cache_size = 3
+    #: Filter codes the survey can have (``where: {filters: …}`` is checked against them)
+    known_filters: tuple[str, ...] = FILTERS
 
     def __init__(self, params: ArchiveParams, *, spec_dir: Path | None = None) -> None:
         super().__init__(params, spec_dir=spec_dir)

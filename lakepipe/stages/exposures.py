@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -9,7 +10,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from lakepipe.archives.query import ExposureQuery
-from lakepipe.errors import StageError
+from lakepipe.errors import StageError, UserError
+from lakepipe.registry import did_you_mean
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 
 
@@ -70,8 +72,34 @@ class ExposuresStage(Stage):
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
         """One partition per night with selected exposures; nothing is read from the lake."""
-        nights = _archive(ctx, self.name).nights(self.params.where)
+        archive = _archive(ctx, self.name)
+        where = self.params.where
+        self._check_filters(archive)
+        nights = archive.nights(where)
+        if not nights:
+            query = json.dumps(where.model_dump(mode="json", exclude_none=True))
+            ctx.log.warning(
+                "stage %r: the archive (%s) has no exposures matching where: %s; "
+                "widen the region, time range, filters or field ids",
+                self.name,
+                getattr(archive, "kind", type(archive).__name__),
+                query,
+            )
         return [Partition.of(reads={}, night=n) for n in nights]
+
+    def _check_filters(self, archive: Any) -> None:
+        """Unknown filter codes are errors where the archive lists its filters
+        (``known_filters``: the sim's zg, zr, zi); otherwise they select nothing."""
+        known = list(getattr(archive, "known_filters", None) or [])
+        if not known or not self.params.where.filters:
+            return
+        bad = [f for f in self.params.where.filters if f not in known]
+        if bad:
+            kind = getattr(archive, "kind", type(archive).__name__)
+            raise UserError(
+                f"stages.{self.name}.where.filters: unknown filter {bad[0]!r} for archive "
+                f"{kind!r}.{did_you_mean(bad[0], known)} Known filters: {', '.join(known)}."
+            )
 
     def run(self, ctx: StageContext, partition: Partition) -> pa.Table:
         """The archive's selected exposures of this partition's night."""

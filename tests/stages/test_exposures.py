@@ -199,3 +199,40 @@ def test_sim_footprint_sql_finds_the_exposures_that_rendered_a_star(tmp_path):
         ra, dec = position[oid]
         sql = f"select exposure_id from exposures where {footprint_contains_sql(ra, dec)}"
         assert {v[0] for v in con.execute(sql).fetchall()} == where_rendered[oid], oid
+
+
+SMALL_SIM = {"kind": "sim", "seed": 3, "naxis1": 256, "naxis2": 256, "n_nights": 1,
+             "n_fields": 1, "visits_per_night": 1, "n_asteroids": 0}  # fmt: skip
+
+
+def _sim_spec(root: Path, where: dict) -> Path:
+    spec = {
+        "name": "exp_sim",
+        "lake": str(root / "lake"),
+        "archive": SMALL_SIM,
+        "stages": {"exposures": {"kind": "exposures", "where": where}},
+    }
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_unknown_filter_is_an_error_with_did_you_mean(tmp_path, cli):
+    """The sim knows its filters (zg, zr, zi): `g` is a typo, not an empty selection."""
+    r = cli("run", _sim_spec(tmp_path, {"filters": ["zr", "g"]}), "-j", "1")
+    assert r.exit_code == 2
+    assert (
+        "stages.exposures.where.filters: unknown filter 'g' for archive 'sim'. "
+        "Did you mean 'zg'? Known filters: zg, zr, zi." in r.stderr
+    )
+    assert not (tmp_path / "lake" / "exposures").exists()
+
+
+def test_a_query_matching_nothing_warns(tmp_path, caplog):
+    """The one-night survey starts 2025-01-01: a 2030 start selects nothing, loudly."""
+    with caplog.at_level("WARNING", logger="lakepipe"):
+        r = run_pipeline(_sim_spec(tmp_path, {"start": "2030-01-01"}), workers=1)
+    assert r.exit_code == 0
+    assert "stage 'exposures': the archive (sim) has no exposures matching where: " in caplog.text
+    assert '{"start": "2030-01-01"}' in caplog.text
+    assert Lake(tmp_path / "lake").reader().partitions("exposures") == []
