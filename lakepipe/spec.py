@@ -144,10 +144,10 @@ class LoadedSpec:
 def find_spec(name_or_path: str | Path) -> Path:
     """A spec file path from a path or a named pipeline (``demo``)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise InputNotFoundError(f"spec file {p} not found; check the path")
+    if p.is_file():
         return p
+    if p.suffix in (".yaml", ".yml"):
+        raise InputNotFoundError(f"spec file {p} not found; check the path")
     named = pipelines_dir() / f"{name_or_path}.yaml"
     if named.is_file():
         return named

@@ -125,3 +125,28 @@ def test_pipeline_schema_is_current():
         cwd=REPO,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_a_folder_named_like_a_pipeline_does_not_hide_it(tmp_path, monkeypatch):
+    # `lakepipe run demo --lake demo` leaves a folder ./demo; the name still means the pipeline
+    from lakepipe.resources import pipelines_dir
+    from lakepipe.spec import find_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert find_spec("demo") == pipelines_dir() / "demo.yaml"
+    (tmp_path / "own.yaml").write_text("name: own\n")
+    assert find_spec("own.yaml").resolve() == tmp_path / "own.yaml"
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    text = GOOD + "  numbers:\n    kind: toy_numbers\n"
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, text))
+    [err] = e.value.errors
+    line = len(GOOD.splitlines()) + 1
+    first = GOOD.splitlines().index("  numbers:") + 1
+    assert err == (
+        f"{tmp_path / 'spec.yaml'}:{line}: stages.numbers: duplicate key (first at line "
+        f"{first}); rename or remove one"
+    )
