@@ -84,6 +84,20 @@ class CdsClient:
     def __init__(self, params: CdsParams | None = None, *, session: requests.Session | None = None):
         self.params = params or CdsParams()
         self.http = HttpClient(self.params.http, session=session)
+        self.query_rows = 0  # rows returned by cone and XMatch queries
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters, as :meth:`lakepipe.archives.base.Archive.stats` has them:
+        HTTP traffic plus rows returned by queries."""
+        st = self.http.stats
+        return {
+            "requests": st.requests,
+            "retries": st.retries,
+            "bytes": st.bytes,
+            "cache_hits": st.cache_hits,
+            "rate_wait_s": round(st.rate_wait_s, 3),
+            "query_rows": self.query_rows,
+        }
 
     # -- VizieR ---------------------------------------------------------------------------
     def cone_params(self, ra: float, dec: float, radius_arcsec: float) -> dict[str, str]:
@@ -113,6 +127,7 @@ class CdsClient:
                 url=resp.url,
                 status=200,
             )
+        self.query_rows += table.num_rows
         log.info("VizieR cone %s returned %d rows", resp.url, table.num_rows)
         return to_reference_shape(table, self.params.table)
 
@@ -156,6 +171,7 @@ class CdsClient:
                     url=resp.url,
                     status=200,
                 )
+            self.query_rows += chunk.num_rows
             log.info("XMatch rows %d-%d: %d matches", start, stop - 1, chunk.num_rows)
             parts.append(_xmatch_rows(chunk, p.table))
         if not parts:
@@ -311,8 +327,23 @@ class CdsCatalog:
         self.max_pm_mas_yr = max_pm_mas_yr
         self.stats = ReadStats()
 
+    def traffic(self) -> dict[str, float]:
+        """Cumulative HTTP traffic and query rows of this catalog (``stats`` is taken by
+        the per-read :class:`~lakepipe.catalogs.base.ReadStats` of every catalog kind)."""
+        return self.client.stats()
+
     def read(self, cones: list, epoch_mjd: float | None = None) -> pa.Table:
         """Reference rows inside the union of ``cones`` at ``epoch_mjd`` (MJD UTC)."""
+        from lakepipe.catalogs.base import record_traffic
+
+        before = self.traffic()
+        try:
+            return self._read(cones, epoch_mjd)
+        finally:  # failed reads cost requests too
+            after = self.traffic()
+            record_traffic(**{k: v - before.get(k, 0) for k, v in after.items()})
+
+    def _read(self, cones: list, epoch_mjd: float | None) -> pa.Table:
         from lakepipe.catalogs.base import ReadStats, reference_schema, to_reference, widen
 
         self.stats = ReadStats()

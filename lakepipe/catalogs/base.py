@@ -38,6 +38,7 @@ row groups of files sorted by position.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -204,6 +205,26 @@ class ReadStats:
     row_groups_read: int = 0
     rows_read: int = 0
     files: list[str] = field(default_factory=list)
+
+
+_TRAFFIC: dict[str, float] = {}
+_TRAFFIC_LOCK = threading.Lock()
+
+
+def record_traffic(**deltas: float) -> None:
+    """Add a catalog service's traffic (requests, bytes, query rows, …) to this
+    process's cumulative counters (see :func:`catalog_traffic`)."""
+    with _TRAFFIC_LOCK:
+        for k, v in deltas.items():
+            _TRAFFIC[k] = _TRAFFIC.get(k, 0) + v
+
+
+def catalog_traffic() -> dict[str, float]:
+    """Cumulative traffic of every catalog service read in this process (requests,
+    retries, bytes, cache hits, rate-limit wait, rows returned by queries). Like
+    ``Archive.stats()``, it only grows: a caller takes the difference around a call."""
+    with _TRAFFIC_LOCK:
+        return dict(_TRAFFIC)
 
 
 def healpix_ranges(cones: list[Cone], *, max_ranges: int = MAX_RANGES) -> np.ndarray:

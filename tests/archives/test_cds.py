@@ -200,3 +200,33 @@ def test_crossmatch_stage_on_cds_catalog_matches_archive_catalog(tmp_path) -> No
     want, got = rows(lake_a), rows(lake_c)
     assert len(want) > 20  # a real field's worth of matches
     assert got == want  # truth: the same catalog, reached over VizieR's protocol
+
+
+def test_cds_catalog_counts_its_traffic_and_rows(emu, survey) -> None:
+    """Row counts of every CDS query reach the process's catalog traffic (run log)."""
+    from lakepipe.archives.cds import CdsCatalog
+    from lakepipe.catalogs import catalog_traffic
+    from lakepipe.catalogs.base import Cone
+
+    params = CdsParams(
+        vizier_url=emu.url,
+        http=HttpParams(rate_limit_per_s=500.0, rate_limit_scope="process", netrc=False),
+    )
+    cones = [Cone(150.0, 2.2, 0.01), Cone(150.02, 2.21, 0.01)]
+    before = catalog_traffic()
+    cat = CdsCatalog(params)
+    cat.read(cones, 60676.5)
+    t = cat.traffic()
+    # truth: each cone is widened by 10.5"/yr x (J2025.0027 - J2016.0) and counted directly
+    dt_yr = 2000.0 + (60676.5 - 51544.5) / 365.25 - 2016.0
+    pad_deg = 10500.0 * dt_yr / 3.6e6
+    want_rows = sum(
+        len(truth_within(survey.catalog(), c.ra, c.dec, (c.radius_deg + pad_deg) * 3600.0))
+        for c in cones
+    )
+    served = [e for e in emu.log if e.path == "/viz-bin/asu-tsv"]
+    assert t["requests"] == len(served) == 2 and t["retries"] == 0
+    assert t["query_rows"] == want_rows > 0
+    assert t["bytes"] == sum(e.bytes for e in served) > 0
+    after = catalog_traffic()
+    assert {k: after[k] - before.get(k, 0) for k in t} == t

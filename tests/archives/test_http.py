@@ -610,3 +610,13 @@ def test_sigkilled_download_resumes_by_range(server, tmp_path) -> None:
     assert state.log[-1]["range"] == f"bytes={have}-"  # only the missing tail was asked
     client.download(url + "/trickle", dest)
     assert len(state.log) == 2  # complete: nothing fetched again
+
+
+def test_downloaded_bytes_are_counted(server, session, tmp_path) -> None:
+    url, state = server
+    state.drop_next = 1  # first answer: half the body, then the connection drops
+    client = HttpClient(fast(), session=session)
+    client.download(url + "/range", tmp_path / "big.bin")
+    # truth: half of BIG on the dropped attempt, the other half on the Range resume
+    assert client.stats.bytes == len(BIG) and client.stats.downloads_resumed == 1
+    assert (tmp_path / "big.bin").read_bytes() == BIG
