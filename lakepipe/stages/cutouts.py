@@ -17,6 +17,9 @@ from lakepipe.errors import LakepipeError, SQLError, StageError
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 
 CENTER_ID = "center"
+#: ``reason`` of an ``off_chip`` row, whoever found it (the footprint test or the archive)
+OFF_CHIP_REASON = "target outside the exposure footprint"
+TARGET_CHOICES = ("center", "targets", "targets_sql")
 _SAME_POS_DEG = 1e-9  # a previous row is reusable only for the very same request
 
 
@@ -66,7 +69,7 @@ class CutoutsStage(Stage):
     (never resampled), the exposure's headers and its WCS shifted to the cutout,
     referenced by ``path``, ``sha256`` and ``bytes``.
 
-    Targets, the first of these that is given:
+    Targets, from at most one of these (giving two is an error):
 
     - ``targets_sql``: a query over the lake returning ``target_id, ra, dec`` and
       optionally ``mjd`` (MJD UTC of time-tagged positions, e.g. predicted ephemerides:
@@ -81,10 +84,11 @@ class CutoutsStage(Stage):
       (an anchor is resolved when the file is read: ``--set`` changes one copy only).
     - otherwise each exposure's own centre. Default target id: ``center``.
 
-    A target outside the exposure's footprint is ``off_chip`` without asking the
-    archive. A rerun fetches nothing already present: the previous committed row of the
-    same ``cutout_id`` (same exposure, target, position and size) is kept when its file
-    verifies against its checksum; a missing, corrupt or truncated file is fetched again.
+    A target outside the exposure's footprint is ``off_chip`` (reason ``target outside
+    the exposure footprint``) without asking the archive. A rerun fetches nothing
+    already present: the previous committed row of the same ``cutout_id`` (same
+    exposure, target, position and size) is kept when its file verifies against its
+    checksum; a missing, corrupt or truncated file is fetched again.
     (The runner skips nights whose inputs and params are unchanged without calling the
     stage; ``lakepipe run SPEC --force cutouts`` re-verifies every file and fetches only
     the missing or corrupt ones.)
@@ -126,6 +130,13 @@ class CutoutsStage(Stage):
 
         @model_validator(mode="after")
         def _check_center(self) -> CutoutsStage.Params:
+            given = [k for k in TARGET_CHOICES if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(
+                    "give at most one of center, targets, targets_sql (got "
+                    f"{' and '.join(given)}); each chooses the targets on its own, so keep the "
+                    "one you mean"
+                )
             c = self.center
             if isinstance(c, ExposureQuery) and c.center() is None:
                 raise ValueError("center: the where block has no cone or box to take a centre of")
@@ -265,7 +276,7 @@ class CutoutsStage(Stage):
             if row is None:
                 inside = footprints.get(req.exposure_id)
                 if inside is not None and not inside(req.ra, req.dec):
-                    row = self._row(req, "off_chip", "outside the exposure footprint")
+                    row = self._row(req, "off_chip", OFF_CHIP_REASON)
                 else:
                     row = self._fetch(ctx, req)
             if row["status"] == "off_chip" and self.params.skip_off_chip:
@@ -335,7 +346,9 @@ class CutoutsStage(Stage):
         except (LakepipeError, OSError) as exc:
             return self._row(req, "failed", f"{type(exc).__name__}: {exc}")
         if status == "off_chip" or data is None:
-            return self._row(req, "off_chip", "target not on the image")
+            return self._row(
+                req, "off_chip", f"{OFF_CHIP_REASON} (the archive has no pixels there)"
+            )
         header = header.copy()
         header["TARGETID"] = (req.target_id, "lakepipe cutout target id")
         header["EXPID"] = (str(req.exposure_id), "lakepipe exposure id")

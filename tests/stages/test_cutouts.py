@@ -107,7 +107,7 @@ def test_statuses_files_and_wcs(ran):
     }
     off = rows[("a.fits[2]", "star")]
     assert off["path"] is None and off["sha256"] is None
-    assert "footprint" in off["reason"]
+    assert off["reason"] == "target outside the exposure footprint"
     for (name, target), r in rows.items():
         assert r["cutout_id"] == cutout_id_for(r["exposure_id"], target)
         if r["status"] != "ok":
@@ -314,11 +314,47 @@ def test_position_interpolation_wraps_ra_and_respects_tolerance():
         ({"targets": [{"id": 1, "ra": 1, "dec": 1}, {"id": "1", "ra": 2, "dec": 2}]}, "duplicate"),
         ({"center": {"start": "2025-01-01"}}, "no cone or box"),
         ({"targets": [{"id": "x", "ra": 400, "dec": 0}]}, "less than 360"),
+        (
+            {"center": {"ra": 1, "dec": 1}, "targets": [{"id": "x", "ra": 1, "dec": 1}]},
+            r"give at most one of center, targets, targets_sql \(got center and targets\)",
+        ),
+        (
+            {"targets": [{"id": "x", "ra": 1, "dec": 1}], "targets_sql": "select 1"},
+            r"\(got targets and targets_sql\)",
+        ),
+        (
+            {"center": {"ra": 1, "dec": 1}, "targets": [], "targets_sql": "select 1"},
+            r"\(got center and targets and targets_sql\)",
+        ),
     ],
 )
 def test_bad_params(params, match):
     with pytest.raises(ValueError, match=match):
         CutoutsStage.Params(**params)
+
+
+def test_two_target_choices_are_a_spec_error(tmp_path, cli):
+    """`lakepipe validate` names the stage and both keys, instead of ignoring one."""
+    spec = {
+        "name": "two_choices",
+        "archive": {"kind": "sim", "seed": 3},
+        "stages": {
+            "exposures": {"kind": "exposures"},
+            "cutouts": {
+                "kind": "cutouts",
+                "inputs": ["exposures"],
+                "center": {"ra": 150.0, "dec": 2.2},
+                "targets_sql": "select 'a' as target_id, 150.0 as ra, 2.2 as dec",
+            },
+        },
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = cli("validate", path)
+    out = r.stdout + r.stderr  # validate reports its findings on stdout
+    assert r.exit_code == 2
+    assert "spec.yaml:8: stages.cutouts" in out
+    assert "give at most one of center, targets, targets_sql (got center and targets_sql)" in out
 
 
 SIM = {
