@@ -21,11 +21,69 @@ from lakepipe.stages.orbit_fit import (
     orbit_record,
     orbits_table,
 )
-from lakepipe.stages.tube import separation_arcsec
+from lakepipe.stages.orbit_replicas import replica_rows
+from lakepipe.stages.tube import cloud_centre_radius, separation_arcsec
 
 SOURCE_COLUMNS = ["source_id", "exposure_id", "cutout_id", "forced", "ra", "dec", "mag_inst",
                   "zeropoint_mag", "snr", "flags", "mjd", "filter", "night"]  # fmt: skip
 OK_CUTOUT = ("ok", "partial")
+MJD_TO_JD = 2400000.5
+
+
+def tube_radii(
+    orbit: dict, mjd_utc: np.ndarray, n: int, seed: int, cred: float, obs_code: str
+) -> np.ndarray:
+    """Credible tube radius (arcsec) of an ``orbits`` row at each UTC MJD: the replicas
+    of :func:`lakepipe.stages.orbit_replicas.replica_rows` (same ``n`` and ``seed`` give
+    the replicas stage's cloud) propagated with :func:`lakepipe.astro.observe.ephemeris`,
+    radius by :func:`lakepipe.stages.tube.cloud_centre_radius`."""
+    from lakepipe.astro.observe import ephemeris
+    from lakepipe.stages.orbit_fit import STATE_COLUMNS
+
+    reps = replica_rows(orbit, n, seed)
+    states = np.stack([np.asarray(reps.column(c).to_numpy(), float) for c in STATE_COLUMNS], 1)
+    perturbers = [p for p in str(orbit["perturbers"]).split(",") if p]
+    eph = ephemeris(states, float(orbit["epoch_mjd_tdb"]) + MJD_TO_JD, mjd_utc, obs_code,
+                    perturbers)  # fmt: skip
+    radii = [
+        cloud_centre_radius(eph["ra_deg"][:, k], eph["dec_deg"][:, k], cred)[2]
+        for k in range(len(mjd_utc))
+    ]
+    return np.asarray(radii, float)
+
+
+def coverage_rows(
+    plan: pa.Table, cutouts: pa.Table, cands: list[dict], bucket: str
+) -> list[dict[str, object]]:
+    """``coverage`` rows (tube radii left null): per planned object, the distinct planned,
+    fetched (ok/partial cutout), candidate and accepted-detection exposures."""
+    planned: dict[str, set[int]] = {}
+    for d, e in zip(plan.column("designation").to_pylist(),
+                    plan.column("exposure_id").to_pylist(), strict=True):  # fmt: skip
+        planned.setdefault(d, set()).add(int(e))
+    fetched: dict[str, set[int]] = {}
+    for t, e, s in zip(cutouts.column("target_id").to_pylist(),
+                       cutouts.column("exposure_id").to_pylist(),
+                       cutouts.column("status").to_pylist(), strict=True):  # fmt: skip
+        if s in OK_CUTOUT and int(e) in planned.get(t, ()):
+            fetched.setdefault(t, set()).add(int(e))
+    rows = []
+    for d in sorted(planned):
+        mine = [c for c in cands if c["designation"] == d]
+        rows.append(
+            {
+                "bucket": bucket,
+                "designation": d,
+                "n_planned": len(planned[d]),
+                "n_fetched": len(fetched.get(d, ())),
+                "n_candidates": len({int(c["exposure_id"]) for c in mine}),
+                "n_detected": len({int(c["exposure_id"]) for c in mine if c.get("accepted")}),
+                "tube_radius_cred_arcsec": None,
+                "refit_tube_radius_cred_arcsec": None,
+                "refit_radius_ratio_max": None,
+            }
+        )
+    return rows
 
 
 def candidates(
@@ -124,8 +182,13 @@ class RecoveryStage(Stage):
     uses are ``accepted``, those it rejects get ``reason: orbit outlier``.
 
     Writes ``recoveries`` (every candidate, accepted or not with the reason; the
-    accepted rows are astrometry: ``lakepipe export ... --format ades``) and
-    ``orbits_refit`` (the refitted orbits, columns of ``orbits``).
+    accepted rows are astrometry: ``lakepipe export ... --format ades``),
+    ``orbits_refit`` (the refitted orbits, columns of ``orbits``) and ``coverage`` (per
+    planned object: planned, fetched, candidate and detected exposure counts; with
+    ``tube_replicas`` > 0 also the ``tube_cred`` tube radius of the discovery and of the
+    refitted orbit at the planned epochs, from ``tube_replicas`` replicas seeded by
+    ``tube_seed`` -- give the replicas stage's ``n`` and ``seed`` to reproduce its tube --
+    so a diagnostic can check that the refit shrank the tube).
 
     Parameters
     ----------
@@ -136,6 +199,7 @@ class RecoveryStage(Stage):
     sigma_arcsec : astrometric uncertainty given to recovered positions (arcsec).
     obs_code : MPC code of the survey's observatory.
     refit : refit the orbits with the accepted detections.
+    tube_replicas, tube_seed, tube_cred : the coverage table's tube radii (0: skip).
     buckets : hash buckets (must match the plan's).
 
     Example::
@@ -147,8 +211,8 @@ class RecoveryStage(Stage):
     reads = ("plan", "cutouts", "sources", "orbits", "orbit_residuals")
     optional_reads = ("crossmatches",)
     uses_archive = True
-    writes = ("recoveries", "orbits_refit")
-    version = "1"
+    writes = ("recoveries", "orbits_refit", "coverage")
+    version = "2"
 
     class Params(StageParams):
         anti_match: Literal["crossmatches", "archive", "none"] = Field(
@@ -161,6 +225,13 @@ class RecoveryStage(Stage):
         obs_code: str = Field("I41", description="MPC observatory code of the survey")
         refit: bool = Field(True, description="Refit the orbits with accepted detections")
         chi2_reject: float = Field(8.0, gt=0, description="Refit outlier threshold (chi^2)")
+        tube_replicas: int = Field(
+            0, ge=0, le=100000, description="Replicas for the coverage tube radii (0: skip)"
+        )
+        tube_seed: int = Field(0, description="Seed of the coverage tube replicas")
+        tube_cred: float = Field(
+            0.99, gt=0.0, lt=1.0, description="Credibility of the coverage tube radii"
+        )
         buckets: int = Field(DEFAULT_BUCKETS, ge=1, le=256, description="Hash buckets")
 
     def partitions(self, ctx: StageContext) -> list[Partition]:
@@ -176,6 +247,7 @@ class RecoveryStage(Stage):
         empty = {
             "recoveries": contract_schema("recoveries").empty_table(),
             "orbits_refit": orbits_table([], "orbits_refit"),
+            "coverage": contract_schema("coverage").empty_table(),
         }
         if plan.num_rows == 0:
             return empty
@@ -190,7 +262,7 @@ class RecoveryStage(Stage):
                                  cutouts.column("status").to_pylist(), strict=True)
                if s in OK_CUTOUT]  # fmt: skip
         if not ids:
-            return empty
+            return {**empty, "coverage": self._coverage(plan, cutouts, [], bucket, {}, {})}
         id_list = ", ".join(str(int(c)) for c in ids)
         sources = ctx.lake.read("sources", columns=SOURCE_COLUMNS,
                                 where=f"cutout_id in ({id_list})")  # fmt: skip
@@ -212,7 +284,7 @@ class RecoveryStage(Stage):
         cands = candidates(plan, cutouts, sources, matched,
                            mag_tolerance=p.mag_tolerance, min_snr=p.min_snr)  # fmt: skip
         orbits = {r["designation"]: r for r in ctx.lake.read("orbits").to_pylist()}
-        refits = []
+        refits: list[dict] = []
         for d in targets:
             mine = [c for c in cands if c["designation"] == d]
             chosen = [c for c in mine if c["reason"] == "candidate"]
@@ -242,7 +314,43 @@ class RecoveryStage(Stage):
         for c in cands:
             c.update(bucket=bucket, sigma_arcsec=p.sigma_arcsec, obs_code=p.obs_code)
         rec = pa.Table.from_pylist(cands, schema=contract_schema("recoveries"))
-        return {"recoveries": rec, "orbits_refit": orbits_table(refits, "orbits_refit")}
+        refit_by = {r["designation"]: r for r in refits}
+        return {
+            "recoveries": rec,
+            "orbits_refit": orbits_table(refits, "orbits_refit"),
+            "coverage": self._coverage(plan, cutouts, cands, bucket, orbits, refit_by),
+        }
+
+    def _coverage(
+        self,
+        plan: pa.Table,
+        cutouts: pa.Table,
+        cands: list[dict],
+        bucket: str,
+        orbits: dict[str, dict],
+        refits: dict[str, dict],
+    ) -> pa.Table:
+        """The ``coverage`` table of this bucket (see the class docstring)."""
+        p = self.params
+        rows = coverage_rows(plan, cutouts, cands, bucket)
+        if p.tube_replicas > 0:
+            mjd_of = {}
+            for d, t in zip(plan.column("designation").to_pylist(),
+                            plan.column("mjd").to_pylist(), strict=True):  # fmt: skip
+                mjd_of.setdefault(d, set()).add(float(t))
+            for row in rows:
+                d = str(row["designation"])
+                if d not in orbits:
+                    continue
+                mjd = np.array(sorted(mjd_of[d]))
+                args = (mjd, p.tube_replicas, p.tube_seed, p.tube_cred, p.obs_code)
+                before = tube_radii(orbits[d], *args)
+                row["tube_radius_cred_arcsec"] = float(np.median(before))
+                if d in refits:
+                    after = tube_radii(refits[d], *args)
+                    row["refit_tube_radius_cred_arcsec"] = float(np.median(after))
+                    row["refit_radius_ratio_max"] = float(np.max(after / before))
+        return pa.Table.from_pylist(rows, schema=contract_schema("coverage"))
 
     def _archive_matches(self, ctx: StageContext, sources: pa.Table) -> set[int]:
         """Source ids with a star of the archive's reference catalogue (``catalog()``)

@@ -551,3 +551,43 @@ def test_perturbers_are_checked_by_validate(tmp_path: Path, cli) -> None:
     assert "stages.orbits.perturbers" in out
     assert "unknown perturber 'jupyter'. Did you mean 'jupiter'?" in out
     assert "typo.yaml:" in out and "Traceback" not in out
+
+
+def test_coverage_per_object(lake: Lake) -> None:
+    """The recovery's coverage table lists every planned object with the planned,
+    fetched and detected exposure counts that independent SQL over plan, cutouts and
+    recoveries gives; its discovery tube radius is the tube stage's (same n, seed, cred)
+    and the refitted tube is narrower at every planned epoch."""
+    r = lake.reader()
+    cov = {c["designation"]: c for c in r.read("coverage").to_pylist()}
+    assert sorted(cov) == ["SIM0001", "SIM0002", "SIM0003"]
+    counts = r.sql(
+        """
+        select p.designation, count(distinct p.exposure_id) as planned,
+               count(distinct c.exposure_id) as fetched,
+               count(distinct case when r.accepted then r.exposure_id end) as detected
+        from plan p
+        left join cutouts c on c.target_id = p.target_id and c.exposure_id = p.exposure_id
+          and c.status in ('ok', 'partial')
+        left join recoveries r on r.designation = p.designation
+          and r.exposure_id = c.exposure_id
+        group by all
+        """
+    ).to_pylist()
+    for row in counts:
+        c = cov[row["designation"]]
+        assert (c["n_planned"], c["n_fetched"], c["n_detected"]) == (
+            row["planned"], row["fetched"], row["detected"])  # fmt: skip
+        assert c["n_detected"] <= c["n_candidates"] <= c["n_fetched"] <= c["n_planned"]
+        assert c["n_detected"] >= 0.8 * c["n_fetched"] > 0
+    tube = r.sql(
+        "select p.designation, median(t.radius_cred_arcsec) as med "
+        "from (select distinct designation, mjd from plan) p join tube_nodes t "
+        "on t.designation = p.designation and abs(t.mjd - p.mjd) < 1e-9 group by all"
+    ).to_pylist()
+    assert len(tube) == 3
+    for row in tube:
+        c = cov[row["designation"]]
+        assert c["tube_radius_cred_arcsec"] == pytest.approx(row["med"], rel=1e-9)
+        assert c["refit_tube_radius_cred_arcsec"] < 0.5 * c["tube_radius_cred_arcsec"]
+        assert 0 < c["refit_radius_ratio_max"] < 0.5
