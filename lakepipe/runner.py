@@ -8,6 +8,10 @@ compares with the manifest: unchanged partitions are skipped, the rest run in a 
 process pool (or in-process with one worker). Workers write uncommitted Parquet files;
 the parent makes them visible in batched atomic manifest commits. One failing
 partition is logged with its error while the others complete.
+
+Before any partition runs, every stage of the run gets its :meth:`Stage.preflight`
+(bad input stops the run with exit 2, lake untouched). A dry run plans downstream
+stages against the fingerprints upstream stages would commit (see :class:`_DryRun`).
 """
 
 from __future__ import annotations
