@@ -1,4 +1,4 @@
-"""Benchmark: orbit propagation for ephemeris tubes (issue 6 item 11, propagation part).
+"""Benchmark: orbit propagation for ephemeris tubes and the 100-observation fit (issue 6 item 11).
 
 Propagates 2,000 replicas of a near-Earth orbit (passing 0.023 au from Earth) to 50
 epochs over 30 days under the Sun plus four DE421 perturbers (earth, mars, jupiter,
@@ -12,7 +12,13 @@ active particles started from DE421.
 Targets: <= 1 s, at least as fast as IAS15, and within 1 km of it for every replica.
 Also reports the full topocentric ephemeris (propagation + light time + I41 geometry).
 
-Run: ``python -m tests.benchmarks.bench_orbits [--replicas N] [--epochs T] [--days D]``.
+Then the fit part: ``--observations`` (default 100; 0 skips it) observations fitted by
+:func:`lakepipe.astro.orbit_fit.fit_orbit`, run by
+:func:`tests.benchmarks.bench_orbit_fit.main` (target <= 5 s; its covariance calibration
+runs with ``--fit-trials N``). ``bench_orbit_fit`` alone runs the same fit.
+
+Run: ``python -m tests.benchmarks.bench_orbits [--replicas N] [--epochs T] [--days D]
+[--observations N] [--fit-trials N]``.
 """
 
 from __future__ import annotations
@@ -148,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--observations", type=int, default=100, help="observations to fit (0: skip the fit)"
+    )
+    parser.add_argument("--fit-trials", type=int, default=0, help="fit calibration trials")
     args = parser.parse_args(argv)
     _one_core()
     fig = bench_propagation(args.replicas, args.epochs, args.days, args.repeat)
@@ -173,6 +183,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"  full I41 ephemeris        {fig['ephemeris_I41_s']:8.3f} s   (propagation + light time)"
     )
+    if args.observations > 0:
+        from tests.benchmarks import bench_orbit_fit
+
+        fit_argv = ["--observations", str(args.observations), "--repeat", str(args.repeat)]
+        fit = bench_orbit_fit.main([*fit_argv, "--trials", str(args.fit_trials)])
+        fig |= {f"fit_{k}" if not k.startswith("fit") else k: v for k, v in fit.items()}
     return fig
 
 
