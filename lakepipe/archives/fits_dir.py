@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 from pydantic import BaseModel, ConfigDict, Field
 
 from lakepipe.archives.base import Archive, ArchiveParams, register_archive
@@ -26,6 +28,8 @@ from lakepipe.astro import wcs as wcsu
 from lakepipe.errors import InputNotFoundError, ParseError
 
 _MJD_JD = 2400000.5
+
+log = logging.getLogger("lakepipe.archives.fits_dir")
 
 # Default header keywords per quantity, most specific first.
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -159,11 +163,13 @@ def _merged_header(primary: fits.Header, ext: fits.Header) -> fits.Header:
 
 @register_archive("fits_dir")
 class FitsDirArchive(Archive):
-    """A folder of FITS images (any telescope with a celestial WCS) as an archive.
+    """A folder of FITS images (any telescope) as an archive.
 
     Every 2-D image HDU with a celestial WCS in the files matching ``pattern`` under
     ``path`` is one exposure (multi-extension files give one exposure per selected HDU;
-    tile-compressed ``.fz`` images work too). Observation metadata comes from common header
+    tile-compressed ``.fz`` images work too). Images without one are skipped with a
+    warning naming them, or, with ``no_wcs: pixels``, served with null ``ra``/``dec``
+    and corners for measurement in pixel coordinates. Observation metadata comes from common header
     keywords, the extension's header first and then the primary header's; ``keywords``
     overrides the keyword names and ``defaults`` fills values no header has::
 
@@ -210,6 +216,12 @@ class FitsDirArchive(Archive):
         )
         on_bad_file: Literal["error", "skip"] = Field(
             "error", description="A corrupt file fails the run (error) or is left out (skip)"
+        )
+        no_wcs: Literal["skip", "pixels"] = Field(
+            "skip",
+            description="Images without a celestial WCS: skip them (a warning names each) "
+            "or serve them with null ra/dec/corners (pixel positions only; region queries "
+            "never select them)",
         )
         mask_hdu: Literal["auto", "none"] | int | str = Field(
             "auto",
@@ -289,23 +301,41 @@ class FitsDirArchive(Archive):
                 "changed since the exposures table was made? Rerun the exposures stage"
             ) from None
 
-    def _scan(self, path: Path, rel: str) -> Iterator[_Entry]:
+    def _scan(self, path: Path, rel: str) -> list[_Entry]:
+        # Real headers carry non-standard cards (ESO-LOG, blank CTYPEs) that astropy
+        # reports (AstropyUserWarning) whenever it parses one, i.e. during this header scan;
+        # it keeps them as they are, which is what we want.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            return list(self._scan_headers(path, rel))
+
+    def _scan_headers(self, path: Path, rel: str) -> Iterator[_Entry]:
         with _open_fits(path) as hdul:
             primary = hdul[0].header
             masks = self._mask_hdus(hdul, path)
             for i, hdu in enumerate(hdul):
                 if i in masks.values() or not self._selected(i, hdu):
                     continue
-                header = _merged_header(primary, hdu.header) if i else hdu.header
+                header = _merged_header(primary, hdu.header) if i else hdu.header.copy()
                 try:
                     wcs = wcsu.celestial_wcs(header)
-                except ValueError:
-                    if self.params.hdu == "all":
-                        continue  # e.g. a table or a non-sky image in a multi-extension file
-                    raise ParseError(
-                        f"{path}[{i}]: selected HDU has no celestial WCS; choose another "
-                        "`archive.hdu` or add CTYPE/CRVAL/CRPIX/CD keywords"
-                    ) from None
+                except ValueError as exc:
+                    if self.params.no_wcs == "skip":
+                        if self.params.hdu != "all":
+                            raise ParseError(
+                                f"{path}[{i}]: selected HDU has no celestial WCS; choose "
+                                "another `archive.hdu`, add CTYPE/CRVAL/CRPIX/CD keywords or "
+                                "set `archive.no_wcs: pixels`"
+                            ) from None
+                        log.warning(
+                            "fits_dir: %s[%d] skipped: %s; set `archive.no_wcs: pixels` to "
+                            "measure it in pixel coordinates (ra/dec null)",
+                            path,
+                            i,
+                            exc,
+                        )
+                        continue
+                    wcs = None
                 yield _Entry(rel, i, self._row(path, rel, i, header, wcs), masks.get(i))
 
     def _mask_hdus(self, hdul: fits.HDUList, path: Path) -> dict[int, int]:
@@ -376,8 +406,12 @@ class FitsDirArchive(Archive):
             naxis1, naxis2 = int(header["ZNAXIS1"]), int(header["ZNAXIS2"])
         exptime = _as_float(self._value(header, "exptime_s"), path, "exptime_s")
         mjd = self._mid_mjd(header, path, hdu, exptime)
-        ra_c, dec_c = wcsu.image_center(wcs, naxis1, naxis2)
-        rc, dc = wcsu.footprint_corners(wcs, naxis1, naxis2)
+        if wcs is None:  # no_wcs: pixels
+            ra_c = dec_c = None
+            rc = dc = [None] * 4
+        else:
+            ra_c, dec_c = wcsu.image_center(wcs, naxis1, naxis2)
+            rc, dc = wcsu.footprint_corners(wcs, naxis1, naxis2)
         row: dict[str, Any] = {
             "night": night_label(mjd, self.params.night_longitude_deg),
             "exposure_id": exposure_id_for(rel, hdu),
@@ -387,7 +421,7 @@ class FitsDirArchive(Archive):
             "mjd": mjd,
             "naxis1": naxis1,
             "naxis2": naxis2,
-            "pixscale_arcsec": wcsu.pixel_scale_arcsec(wcs),
+            "pixscale_arcsec": None if wcs is None else wcsu.pixel_scale_arcsec(wcs),
             "ra": ra_c,
             "dec": dec_c,
         }
@@ -398,8 +432,8 @@ class FitsDirArchive(Archive):
             v = _as_float(self._value(header, name), path, name)
             row[name] = None if v is None else (int(v) if name in ("field", "ccdid", "qid") else v)
         for k in range(4):
-            row[f"ra{k + 1}"] = float(rc[k])
-            row[f"dec{k + 1}"] = float(dc[k])
+            row[f"ra{k + 1}"] = None if rc[k] is None else float(rc[k])
+            row[f"dec{k + 1}"] = None if dc[k] is None else float(dc[k])
         return row
 
     def _mid_mjd(self, header: fits.Header, path: Path, hdu: int, exptime: float | None) -> float:
@@ -451,8 +485,9 @@ class FitsDirArchive(Archive):
         if not rows:
             return []
         mjd = np.array([r["mjd"] for r in rows])
-        rc = np.array([[r[f"ra{k}"] for k in range(1, 5)] for r in rows])
-        dc = np.array([[r[f"dec{k}"] for k in range(1, 5)] for r in rows])
+        # no_wcs: pixels rows have null corners (NaN: outside every region)
+        rc = np.array([[r[f"ra{k}"] for k in range(1, 5)] for r in rows], dtype=float)
+        dc = np.array([[r[f"dec{k}"] for k in range(1, 5)] for r in rows], dtype=float)
         ok = q.matches_time(mjd) & q.overlaps(rc, dc)
         ok &= q.matches_filter(np.array([r["filter"] for r in rows], dtype=object))
         if q.field_ids is not None:
@@ -497,7 +532,10 @@ class FitsDirArchive(Archive):
         path = self.root / e.relpath
         with _open_fits(path) as hdul:
             hdu = hdul[e.hdu]
-            header = _merged_header(hdul[0].header, hdu.header) if e.hdu else hdu.header.copy()
+            # non-standard cards warn when parsed, as in _scan; they are kept as-is
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyUserWarning)
+                header = _merged_header(hdul[0].header, hdu.header) if e.hdu else hdu.header.copy()
             compressed = isinstance(hdu, fits.CompImageHDU)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -284,28 +284,34 @@ def image_from_array(
     if bad.any():
         arr = arr.copy()
         arr[~np.isfinite(arr)] = 0.0
-    notes = []
-    try:
-        wcs = celestial_wcs(header)
-    except Exception as exc:  # no or unusable celestial WCS: pixel positions only
-        wcs = None
-        notes.append(f"no celestial WCS ({exc}); ra/dec are null")
+    note = ""
+    # Real headers carry non-standard cards (ESO-LOG, HIERARCH variants) that astropy
+    # reports (AstropyUserWarning) when it parses them here; it keeps them as-is.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        try:
+            wcs = celestial_wcs(header)
+        except Exception as exc:  # no or unusable celestial WCS: pixel positions only
+            wcs = None
+            note = f"pixel positions only, ra/dec null: {exc}"
+        if gain_e_per_adu is None:
+            gain_e_per_adu = header_float(header, GAIN_KEYS)
+        if rdnoise_e is None:
+            rdnoise_e = header_float(header, RDNOISE_KEYS)
+        if saturate_adu is None:
+            saturate_adu = header_float(header, SATURATE_KEYS)
+        if zeropoint_mag is None:
+            zeropoint_mag = header_float(header, ZEROPOINT_KEYS)
     return Image(
         data=arr,
         header=header,
         mask=bad if bad.any() else None,
         wcs=wcs,
-        gain_e_per_adu=gain_e_per_adu
-        if gain_e_per_adu is not None
-        else header_float(header, GAIN_KEYS),
-        rdnoise_e=rdnoise_e if rdnoise_e is not None else header_float(header, RDNOISE_KEYS),
-        saturate_adu=saturate_adu
-        if saturate_adu is not None
-        else header_float(header, SATURATE_KEYS),
-        zeropoint_mag=zeropoint_mag
-        if zeropoint_mag is not None
-        else header_float(header, ZEROPOINT_KEYS),
-        note="; ".join(notes),
+        gain_e_per_adu=gain_e_per_adu,
+        rdnoise_e=rdnoise_e,
+        saturate_adu=saturate_adu,
+        zeropoint_mag=zeropoint_mag,
+        note=note,
     )
 
 

@@ -516,3 +516,59 @@ def test_fits_dir_mask_extension_bits_and_exposure_detector_values(tmp_path):
     # nothing detected along the hot column away from star A
     on_col = (np.abs(src["x"] - col) < 2) & (np.abs(src["y"] - ya) > 5)
     assert not on_col.any()
+
+
+def test_fits_dir_image_without_wcs_pixels_only(tmp_path, caplog):
+    # truth: sep's ESO NTT frame (no celestial WCS, ESO-LOG cards, BSCALE/BZERO int16,
+    # MJD-OBS 48921.62787) and its SExtractor catalog. Skipped by default with a warning
+    # naming the file (no exposures, nothing to do); measured in pixels with
+    # no_wcs: pixels. pytest's filterwarnings=error also checks that the ESO-LOG cards'
+    # warnings stay inside the archive and the stage.
+    import logging
+    import shutil
+
+    ntt = Path(__file__).resolve().parent.parent / "data" / "sep_ntt"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(ntt / "image.fits", folder / "ntt.fits")
+    archive = {"kind": "fits_dir", "path": "images"}
+    stages = {
+        "exposures": {"kind": "exposures"},
+        "sources": {
+            "kind": "sources",
+            "inputs": ["exposures"],
+            "image": "exposure",
+            # default.sex's detection settings (see tests/astro/test_sep_ntt.py)
+            "detect": {
+                "threshold_sigma": 1.5,
+                "threshold_on": "image",
+                "minarea": 5,
+                "filter": "default",
+                "deblend_cont": 1.0,
+                "clean": True,
+                "centroid": "isophotal",
+            },
+        },
+    }
+    with caplog.at_level(logging.WARNING, logger="lakepipe.archives.fits_dir"):
+        report = run_pipeline(write_spec(tmp_path, stages, archive), workers=1)
+    assert report.exit_code == 0 and report.stages[0].rows == 0
+    assert "ntt.fits[0] skipped: header has no celestial WCS" in caplog.text
+    assert "no_wcs: pixels" in caplog.text
+
+    archive["no_wcs"] = "pixels"
+    report = run_pipeline(write_spec(tmp_path, stages, archive), workers=1)
+    assert report.exit_code == 0, report
+    lake = Lake(tmp_path / "lake").reader()
+    (exp,) = lake.read("exposures").to_pylist()
+    assert exp["ra"] is None and exp["ra1"] is None and exp["naxis1"] == 256
+    assert exp["mjd"] == pytest.approx(48921.62787 + 1200.0 / 2 / 86400)
+    (st,) = lake.read("image_stats").to_pylist()
+    assert st["has_wcs"] is False and st["ra"] is None
+    assert st["note"].startswith("pixel positions only, ra/dec null")
+    src = _columns(lake.read("sources"))
+    assert np.isnan(src["ra"]).all() and np.isnan(src["dec"]).all()
+    cat = np.loadtxt(ntt / "image.cat")
+    d = np.hypot(src["x"][:, None] - (cat[:, 1] - 1), src["y"][:, None] - (cat[:, 2] - 1))
+    # every catalogued object found at SExtractor's position
+    assert len(src["x"]) == len(cat) == 65 and d.min(axis=0).max() < 0.01
