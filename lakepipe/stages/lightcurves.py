@@ -62,7 +62,12 @@ class LightcurvesStage(Stage):
     row at the position (the ``sources`` stage's ``forced`` positions), or else its
     nearest fainter detection; rows with S/N below ``detection_snr`` are upper limits at
     the row's own 5σ limit (``mag_upper_limit``). Catalogue objects
-    get their matched detections. Reads ``calibrated_sources`` (all nights); writes
+    get their matched detections (the nearest per exposure). Every other calibrated
+    exposure whose measured area (the ``exposures`` footprint, or the cutouts the
+    ``sources`` stage measured) covers an object, ``coverage_margin_arcsec`` inside, adds
+    an upper limit at the exposure's calibrated 5σ limit (``calibrations.mag_lim``;
+    ``source_id`` and ``forced`` null): an object that vanished still gets a row.
+    Reads ``calibrated_sources`` (all nights); writes
     ``lightcurves`` and ``lightcurve_stats`` (weighted mean, χ²/dof, amplitude, Stetson
     J, von Neumann η, upper-limit counts; see :mod:`lakepipe.astro.variability`),
     partitioned by a hash ``bucket`` of the object id.
@@ -82,7 +87,7 @@ class LightcurvesStage(Stage):
     """
 
     reads = ("calibrated_sources",)
-    optional_reads = ("crossmatches",)
+    optional_reads = ("crossmatches", "calibrations", "exposures", "cutouts", "sources")
     writes = ("lightcurves", "lightcurve_stats")
     version = "1"
 
@@ -95,6 +100,14 @@ class LightcurvesStage(Stage):
         match_radius_arcsec: float = Field(1.5, gt=0, description="Target-source radius")
         detection_snr: float = Field(5.0, gt=0, description="Below: an upper limit")
         buckets: int = Field(4, ge=1, le=256, description="Hash buckets of object ids")
+        coverage_limits: bool = Field(
+            True,
+            description="Exposures whose measured area (footprint or cutout) covers an "
+            "object but have no row for it get an upper limit at calibrations.mag_lim",
+        )
+        coverage_margin_arcsec: float = Field(
+            5.0, ge=0, description="Coverage: the object at least this far inside (arcsec)"
+        )
         stats_flags_mask: int = Field(
             -1,
             description="Detections with (flags & mask) != 0 (blends, edges, saturation...) "
@@ -131,6 +144,17 @@ class LightcurvesStage(Stage):
             keep = [bucket_of(o, p.buckets) == bucket for o in lc.column("object_id").to_pylist()]
             pieces.append(lc.filter(pa.array(keep, pa.bool_())))
         lc = pa.concat_tables(pieces) if pieces else _empty_lightcurves()
+        if p.coverage_limits and "exposures" in ctx.lake.tables():
+            objects = list(targets)  # targets with no row at all still count
+            names = {t[0] for t in targets}
+            for o, ra, dec in zip(lc.column("object_id").to_pylist(),
+                                  lc.column("ra").to_pylist(), lc.column("dec").to_pylist(),
+                                  strict=True):  # fmt: skip
+                if o not in names:
+                    names.add(o)
+                    objects.append((o, ra, dec))
+            limits = coverage_limits(ctx, lc, objects, p.coverage_margin_arcsec)
+            lc = pa.concat_tables([lc, limits.cast(lc.schema)])
         lc = lc.sort_by([("object_id", "ascending"), ("mjd", "ascending")])
         stats = summarise(lc, p.stats_flags_mask)
         # flags stay in sources (join on source_id); the contract keeps lightcurves lean
@@ -238,7 +262,102 @@ def catalog_lightcurves(
     sep = angular_separation_arcsec(
         ora, odec, rows.column("ra").to_numpy(), rows.column("dec").to_numpy()
     )
-    return _assemble(ids, ora, odec, rows, sep, detection_snr)
+    # one row per (star, exposure): the nearest of the detections matched to it
+    rid = rows.column("ref_id").to_numpy()
+    exp = rows.column("exposure_id").to_numpy()
+    order = np.lexsort((sep, exp, rid))
+    first = np.r_[True, (rid[order][1:] != rid[order][:-1]) | (exp[order][1:] != exp[order][:-1])]
+    pick = np.sort(order[first])
+    rows = rows.take(pa.array(pick))
+    ids = [ids[i] for i in pick]
+    return _assemble(ids, ora[pick], odec[pick], rows, sep[pick], detection_snr)
+
+
+def coverage_limits(
+    ctx: StageContext,
+    lc: pa.Table,
+    objects: list[tuple[str, float, float]],
+    margin_arcsec: float,
+) -> pa.Table:
+    """Upper-limit rows at ``calibrations.mag_lim`` for every calibrated exposure whose
+    measured area covers one of ``objects`` (id, ra, dec) that has no row there in ``lc``."""
+    from lakepipe.stages.changes import gnomonic, image_corners, inside_polygon
+
+    tables = ctx.lake.tables()
+    if "calibrations" not in tables:
+        return _empty_lightcurves()
+    cal = ctx.lake.read("calibrations").filter(
+        (pc.field("status") == "ok") & pc.field("mag_lim").is_valid()
+    )
+    exps = {r["exposure_id"]: r for r in ctx.lake.read("exposures").to_pylist()}
+    cutouts = (
+        {r["cutout_id"]: r for r in ctx.lake.read("cutouts").to_pylist()}
+        if "cutouts" in tables
+        else {}
+    )
+    measured: dict[int, list] = {}
+    if "sources" in tables:
+        for r in ctx.lake.sql("select distinct exposure_id, cutout_id from sources").to_pylist():
+            measured.setdefault(r["exposure_id"], []).append(r["cutout_id"])
+    if not objects:
+        return _empty_lightcurves()
+    oid = [o[0] for o in objects]
+    ora = np.array([o[1] for o in objects], np.float64)
+    odec = np.array([o[2] for o in objects], np.float64)
+    have = set(
+        zip(lc.column("object_id").to_pylist(), lc.column("exposure_id").to_pylist(), strict=True)
+    )
+    rows: dict[str, list] = {k: [] for k in ("object_id", "ra", "dec", "exposure_id", "mjd",
+                                             "filter", "limit_mag", "mag_system")}  # fmt: skip
+    for c in cal.to_pylist():
+        e = exps.get(c["exposure_id"])
+        if e is None or e.get("ra1") is None:
+            continue
+        xy = gnomonic(ora, odec, e["ra"], e["dec"])
+        ok = np.isfinite(xy[:, 0])
+        xy = np.nan_to_num(xy)
+        covered = np.zeros(len(oid), dtype=bool)
+        for cut_id in measured.get(c["exposure_id"], [None]):
+            cut = cutouts.get(cut_id) if cut_id is not None else None
+            if cut_id is not None and cut is None:
+                continue
+            inside = ok.copy()
+            for poly in image_corners(e, cut, e["ra"], e["dec"]):
+                inside &= inside_polygon(xy, poly, margin_arcsec / 3600.0)
+            covered |= inside
+        for i in np.flatnonzero(covered):
+            if (oid[i], c["exposure_id"]) in have:
+                continue
+            for k, v in (("object_id", oid[i]), ("ra", ora[i]), ("dec", odec[i]),
+                         ("exposure_id", c["exposure_id"]), ("mjd", c["mjd"]),
+                         ("filter", c["filter"]), ("limit_mag", c["mag_lim"]),
+                         ("mag_system", c["mag_system"])):  # fmt: skip
+                rows[k].append(v)
+    n = len(rows["object_id"])
+    if n == 0:
+        return _empty_lightcurves()
+    nulls = pa.nulls(n, pa.float64())
+    out = pa.table(
+        {
+            "object_id": pa.array(rows["object_id"], pa.string()),
+            "ra": pa.array(rows["ra"], pa.float64()),
+            "dec": pa.array(rows["dec"], pa.float64()),
+            "exposure_id": pa.array(rows["exposure_id"], pa.int64()),
+            "source_id": pa.nulls(n, pa.int64()),
+            "mjd": pa.array(rows["mjd"], pa.float64()),
+            "filter": pa.array(rows["filter"], pa.string()),
+            "mag": nulls,
+            "mag_err": nulls,
+            "upper_limit": pa.array(np.ones(n, dtype=bool)),
+            "limit_mag": pa.array(rows["limit_mag"], pa.float64()),
+            "snr": nulls,
+            "forced": pa.nulls(n, pa.bool_()),
+            "sep_arcsec": nulls,
+            "flags": pa.array(np.zeros(n, np.int32)),
+            "mag_system": pa.array(rows["mag_system"], pa.string()),
+        }
+    )
+    return out
 
 
 def summarise(lc: pa.Table, flags_mask: int = -1) -> pa.Table:

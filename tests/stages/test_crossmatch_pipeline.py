@@ -32,6 +32,10 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     archive.write_catalog(root / "refcat" / "catalog.parquet")
     sn = archive.transient()
     target = {"id": "sn", "ra": sn["ra"], "dec": sn["dec"]}
+    sky = archive.sky_truth()
+    gone = next(o for o in sky.to_pylist() if o["kind"] == "vanished")
+    # a target on a vanished star: nothing is measured there (no forced photometry)
+    gone_target = {"id": "gone", "ra": gone["ra"], "dec": gone["dec"]}
     bands = {
         f: {"band": "G", "colour": "bp_rp", "colour_term": b, "colour_pivot": 0.82,
             "offset_mag": a}
@@ -71,7 +75,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
             "lightcurves": {
                 "kind": "lightcurves",
                 "inputs": ["calibrations", "crossmatches"],
-                "targets": [target],
+                "targets": [target, gone_target],
                 "catalog_min_detections": 3,
             },
         },
@@ -193,3 +197,27 @@ def test_appeared_recovers_the_uncatalogued_stars(lake: Lake) -> None:
     # false entries: distinct positions (a source repeats in up to 3 exposures)
     assert (~hit).sum() <= 2 * 3
     assert all(r["n_repeats"] >= 2 and 0.8 <= r["size_ratio"] <= 1.5 for r in rows)
+
+
+def test_target_on_a_vanished_star_gets_upper_limits(lake: Lake) -> None:
+    """Issue 5 item 5: an exposure covering a target where nothing was measured (no
+    detection, no forced photometry: the star vanished) gives an upper limit at the
+    exposure's calibrated limiting magnitude, one per exposure (3)."""
+    rows = (
+        lake.reader()
+        .sql(
+            "select l.upper_limit, l.limit_mag, l.source_id, l.forced, c.mag_lim "
+            "from lightcurves l join calibrations c using (exposure_id) where object_id = 'gone'"
+        )
+        .to_pylist()
+    )
+    assert len(rows) == 3
+    for row in rows:
+        assert row["upper_limit"] and row["source_id"] is None and row["forced"] is None
+        assert row["limit_mag"] == pytest.approx(row["mag_lim"]) and row["limit_mag"] > 20.0
+    stats = (
+        lake.reader()
+        .sql("select n_obs, n_det, n_upper_limits from lightcurve_stats where object_id = 'gone'")
+        .to_pylist()
+    )
+    assert stats == [{"n_obs": 3, "n_det": 0, "n_upper_limits": 3}]
