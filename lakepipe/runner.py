@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakepipe.archives.base import Archive, archives
+from lakepipe.catalogs import catalog_traffic
 from lakepipe.config import default_workers, resolve_lake
 from lakepipe.errors import ContractError, LakepipeError, StageError, UserError
 from lakepipe.lake import Commit, Lake, LakeReader, Manifest, PartitionEntry, add_healpix, utcnow
@@ -265,11 +266,19 @@ def execute_job(job: Job) -> JobResult:
         ctx = make_context(lake, loaded, job.stage, job.spec_json, job.spec_dir, manifest)
         archive = ctx.archive
         before = archive.stats() if archive is not None else {}
+        cat_before = catalog_traffic()  # reference-catalog services (CDS) read by the stage
         try:
             out = stage.run(ctx, Partition(key=job.key, reads=job.reads))
         finally:
             if archive is not None:
                 traffic = {k: v - before.get(k, 0) for k, v in archive.stats().items()}
+            traffic.update(
+                {
+                    f"catalog_{k}": v - cat_before.get(k, 0)
+                    for k, v in catalog_traffic().items()
+                    if v != cat_before.get(k, 0)
+                }
+            )
         tables = _normalise_output(stage, out)
         entries: dict[str, PartitionEntry] = {}
         rows = 0

@@ -201,6 +201,22 @@ def test_crossmatch_stage_on_cds_catalog_matches_archive_catalog(tmp_path) -> No
     assert len(want) > 20  # a real field's worth of matches
     assert got == want  # truth: the same catalog, reached over VizieR's protocol
 
+    # the run log carries the catalogue service's traffic: one cone request per request
+    # the emulator logged, and the rows its answers held
+    from lakepipe.sql import LakeSQL
+
+    logged = (
+        LakeSQL(Lake(lake_c))
+        .query(
+            "select sum(cast(archive_stats->>'catalog_requests' as double)) as req, "
+            "sum(cast(archive_stats->>'catalog_query_rows' as double)) as n "
+            "from _runs where stage = 'crossmatches' and status = 'ok'"
+        )
+        .to_pylist()[0]
+    )
+    assert logged["req"] == len(cones)
+    assert logged["n"] >= len(got)  # every matched reference row came from those answers
+
 
 def test_cds_catalog_counts_its_traffic_and_rows(emu, survey) -> None:
     """Row counts of every CDS query reach the process's catalog traffic (run log)."""
