@@ -42,12 +42,16 @@ def plot_tube(
     """Draw an object's tube and write a PNG.
 
     ``nodes``: ``tube_nodes`` rows (``mjd, ra, dec, radius_arcsec``) of the object;
-    ``footprints``: planned exposures' corners (``ra1..dec4``); ``detections``: rows with
-    ``ra, dec`` and ``accepted`` (recoveries); ``truth``: optional ``ra, dec`` to overlay.
-    Tube circles are drawn to scale; colour runs with time.
+    ``footprints``: planned exposures (``exposure_id, mjd`` and corners ``ra1..dec4``);
+    ``detections``: rows with ``ra, dec``, ``accepted`` and ``exposure_id`` (recoveries);
+    ``truth``: optional ``ra, dec`` to overlay. Tube circles are drawn to scale; colour
+    runs with time. Footprints are shaded (overlaps darker: a footprint is usually much
+    larger than the tube, so mostly its edges and shading show) and have a legend entry;
+    planned exposures without an accepted detection are ringed at the tube centre of
+    their mid-time.
     """
     from matplotlib import colormaps
-    from matplotlib.patches import Circle, Polygon
+    from matplotlib.patches import Circle, Patch, Polygon
 
     if nodes.num_rows == 0:
         raise UserError(f"no tube nodes for {designation!r}; run the tube stage first")
@@ -64,12 +68,15 @@ def plot_tube(
     x, y = _tangent(ra0, dec0, ra, dec)
     fig = Figure(figsize=(7.5, 6.5))
     ax = fig.add_subplot()
+    legend_extra = []
     if footprints is not None and footprints.num_rows:
         for row in footprints.to_pylist():
             fx, fy = _tangent(ra0, dec0, [row[f"ra{k}"] for k in range(1, 5)],
                               [row[f"dec{k}"] for k in range(1, 5)])  # fmt: skip
-            ax.add_patch(Polygon(np.stack([fx, fy], 1), closed=True, fill=False, lw=0.6,
-                                 ec="0.55", alpha=0.7))  # fmt: skip
+            ax.add_patch(Polygon(np.stack([fx, fy], 1), closed=True, lw=0.6, ec="0.45",
+                                 fc="0.5", alpha=0.08, zorder=1))  # fmt: skip
+        label = f"planned exposure footprints ({footprints.num_rows})"
+        legend_extra.append(Patch(fc="0.5", ec="0.45", alpha=0.3, label=label))
     colours = (mjd - mjd.min()) / max(float(np.ptp(mjd)), 1e-9)
     cm = colormaps["viridis"]
     for xi, yi, ri, ci in zip(x, y, rad, colours, strict=True):
@@ -84,6 +91,22 @@ def plot_tube(
         if (~acc).any():
             ax.scatter(dx[~acc], dy[~acc], marker="x", s=30, c="0.3", zorder=4,
                        label=f"rejected candidates ({int((~acc).sum())})")  # fmt: skip
+    if footprints is not None and footprints.num_rows and "mjd" in footprints.column_names:
+        found: set[int] = set()
+        if detections is not None and detections.num_rows:
+            found = {
+                int(e)
+                for e, a in zip(detections.column("exposure_id").to_pylist(),
+                                detections.column("accepted").to_pylist(), strict=True)
+                if a
+            }  # fmt: skip
+        fmjd = np.asarray(footprints.column("mjd").to_pylist(), float)
+        eids = footprints.column("exposure_id").to_pylist()
+        miss = np.array([int(e) not in found for e in eids], bool)
+        if miss.any():
+            mx, my = np.interp(fmjd[miss], mjd, x), np.interp(fmjd[miss], mjd, y)
+            ax.scatter(mx, my, s=90, facecolors="none", edgecolors="#ff7f0e", lw=1.4,
+                       zorder=5, label=f"planned, no detection ({int(miss.sum())})")  # fmt: skip
     if truth is not None and truth.num_rows:
         tx, ty = _tangent(ra0, dec0, truth.column("ra"), truth.column("dec"))
         ax.plot(tx, ty, ".", ms=2, c="k", label="truth", zorder=2)
@@ -95,5 +118,6 @@ def plot_tube(
     ax.set_ylabel(f"north offset (arcmin) from Dec {dec0:+.4f}")
     ax.set_title(f"{designation}: ephemeris tube ({nodes.num_rows} nodes)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + legend_extra, fontsize=8, loc="best")
     return _save(fig, out)

@@ -591,3 +591,33 @@ def test_coverage_per_object(lake: Lake) -> None:
         assert c["tube_radius_cred_arcsec"] == pytest.approx(row["med"], rel=1e-9)
         assert c["refit_tube_radius_cred_arcsec"] < 0.5 * c["tube_radius_cred_arcsec"]
         assert 0 < c["refit_radius_ratio_max"] < 0.5
+
+
+def test_tube_plot_marks_planned_exposures_without_detection(lake: Lake, tmp_path: Path) -> None:
+    """The tube figure rings (orange, #ff7f0e) the planned exposures with no accepted
+    detection: drawn when the recoveries of one exposure are withheld, absent when every
+    planned exposure has one; footprints are shaded and in the legend either way."""
+    import matplotlib.image as mpimg
+
+    from lakepipe.plots_tube import plot_tube
+
+    r = lake.reader()
+    nodes = r.sql("select * from tube_nodes where designation = 'SIM0003' order by mjd")
+    feet = r.sql(
+        "select distinct e.* from exposures e join plan p using (exposure_id) "
+        "where p.designation = 'SIM0003' order by e.mjd"
+    )
+    det = r.sql("select * from recoveries where designation = 'SIM0003' and accepted")
+    assert set(det["exposure_id"].to_pylist()) == set(feet["exposure_id"].to_pylist())
+
+    def orange_pixels(detections: pa.Table) -> int:
+        png = plot_tube(nodes, tmp_path / "t.png", designation="SIM0003", footprints=feet,
+                        detections=detections)  # fmt: skip
+        img = mpimg.imread(png)[..., :3]
+        target = np.array([1.0, 0x7F / 255, 0x0E / 255])
+        return int((np.abs(img - target).max(axis=-1) < 0.06).sum())
+
+    legend_only = orange_pixels(det)  # the legend's own marker is drawn only when needed
+    first = det["exposure_id"][0].as_py()
+    withheld = det.filter(pc.not_equal(det["exposure_id"], first))
+    assert legend_only == 0 and orange_pixels(withheld) > 50
