@@ -14,6 +14,7 @@ import pytest
 
 from lakepipe.astro.astrometry import (
     ASTROMETRY_SCHEMA,
+    AdesContext,
     format_ades_psv,
     format_mpc80,
     make_astrometry,
@@ -27,7 +28,7 @@ from lakepipe.astro.astrometry import (
     write_ades_psv,
     write_mpc80,
 )
-from lakepipe.errors import InputNotFoundError, ParseError
+from lakepipe.errors import InputNotFoundError, ParseError, UserError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "astrometry"
 
@@ -276,3 +277,37 @@ def test_unknown_obs_code_names_file_and_line(tmp_path: Path) -> None:
     csv_path.write_text("t_utc,ra_deg,dec_deg,sigma_arcsec,obs_code\n60000.5,1,2,0.5,XYZ\n")
     with pytest.raises(ParseError, match=r"codes\.csv:2: observatory code 'XYZ'"):
         parse_csv(csv_path)
+
+
+def test_ades_context_from_export_options() -> None:
+    """--opt values arrive YAML-parsed: a list or a comma string of names, a number or a
+    string for the aperture; the header has the blocks the ADES submit schema requires."""
+    options = {"submitter": "A. Observer", "observers": ["A. Observer", "B. Helper"],
+               "measurers": "C. Measurer, D. Measurer", "aperture": "0.5",
+               "design": "Reflector", "astCat": "UCAC4", "obs_code": "I41"}  # fmt: skip
+    ctx = AdesContext.from_options(options)
+    assert ctx.telescope_aperture == 0.5 and ctx.ast_cat == "UCAC4"
+    assert ctx.header("568") == [
+        "# observatory", "! mpcCode 568", "! name Maunakea",
+        "# submitter", "! name A. Observer",
+        "# observers", "! name A. Observer", "! name B. Helper",
+        "# measurers", "! name C. Measurer", "! name D. Measurer",
+        "# telescope", "! design Reflector", "! aperture 0.5", "! detector CCD",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=r"telescope_aperture must be > 0"):
+        AdesContext.from_options({"telescope_aperture": -1})
+    with pytest.raises(UserError, match=r"MPC catalogue code"):
+        AdesContext.from_options({"astCat": "Gaia DR3"})
+
+
+def test_mpc80_designations_that_fit_and_that_do_not() -> None:
+    """Columns 1-12: numbers and provisional designations are packed (2025 AB1 ->
+    K25A01B), temporary ones up to 7 letters/digits pass, longer ones are a UserError."""
+    t = make_astrometry(designation=["2025 AB1", "SIM0001", "433"], mjd=[60000.5] * 3,
+                        ra=10.0, dec=5.0, obs_code="I41")  # fmt: skip
+    cols = [ln[:12] for ln in format_mpc80(t)]
+    assert cols == ["     K25A01B", "     SIM0001", "00433       "]
+    for bad in ("SIM00001", "LP 1"):
+        t = make_astrometry(designation=bad, mjd=[60000.5], ra=10.0, dec=5.0, obs_code="I41")
+        with pytest.raises(UserError, match=rf"designation '{bad}' does not fit columns 1-12"):
+            format_mpc80(t)
