@@ -134,13 +134,7 @@ class SimArchive(Archive):
         t = self._all_exposures()
         if where is None:
             return t
-        mask = where.matches_time(np.asarray(t.column("mjd")))
-        mask &= where.matches_filter(np.asarray(t.column("filter")))
-        mask &= where.matches_field(np.asarray(t.column("field")))
-        if where.has_region:
-            rc = np.stack([np.asarray(t.column(f"ra{k}")) for k in range(1, 5)], axis=1)
-            dc = np.stack([np.asarray(t.column(f"dec{k}")) for k in range(1, 5)], axis=1)
-            mask &= where.overlaps(rc, dc)
+        mask = where.select(t)  # the one selection every archive applies
         out = t.filter(pa.array(mask))
         if where.max_rows is not None:
             out = out.slice(0, where.max_rows)

@@ -252,6 +252,8 @@ def parse_header_bytes(data: bytes) -> fits.Header | None:
 class ZtfArchive(Archive):
     """IRSA ZTF science exposures, images and cutouts through IBE (see module docstring)."""
 
+    known_filters: tuple[str, ...] = ("zg", "zr", "zi")  # IBE filtercode values
+
     class Params(ArchiveParams):
         base_url: str = Field(
             "https://irsa.ipac.caltech.edu", description="IRSA root (an emulator for tests)"

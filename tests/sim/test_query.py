@@ -78,3 +78,19 @@ def test_footprint_overlap_cone_and_box():
     ]
     for q, expected in cases:
         assert q.overlaps(rc, dc).tolist() == [expected], q
+
+
+def test_sim_archive_honours_ccd_and_quadrant_ids():
+    # truth: the sim's own exposure table; the chip filter keeps exactly its rows
+    from tests.conftest import small_sim
+
+    archive = small_sim()
+    every = archive.exposures()
+    ccd = np.asarray(every.column("ccdid"))
+    qid = np.asarray(every.column("qid"))
+    assert len(set(ccd)) > 1  # the filter has something to remove
+    c, q = int(ccd[0]), int(qid[0])
+    got = archive.exposures(ExposureQuery(ccd_ids=[c], quadrant_ids=[q]))
+    assert got.num_rows == int(((ccd == c) & (qid == q)).sum()) > 0
+    assert set(got.column("ccdid").to_pylist()) == {c}
+    assert set(got.column("qid").to_pylist()) == {q}
