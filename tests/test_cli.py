@@ -523,3 +523,29 @@ def test_bad_input(built, cli, tmp_path, make_args, code, pattern):
     assert re.search(pattern, text), text
     assert "Traceback" not in text
     assert tree_digest(lake) == before  # nothing in the lake changed
+
+
+def test_archive_down_names_the_failure_and_keeps_the_lake(cli, tmp_path):
+    # nothing listens on the port: the exposures stage cannot list its partitions; the
+    # run says why on stderr, exits 1, and a second run against it commits nothing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: connections are refused
+    spec = tmp_path / "down.yaml"
+    spec.write_text(
+        "name: down\n"
+        f"lake: {tmp_path / 'lake'}\n"
+        f"archive: {{kind: ztf, base_url: 'http://127.0.0.1:{port}',"
+        " http: {max_retries: 0, netrc: false}}\n"
+        "stages:\n"
+        "  exposures: {kind: exposures, where: {ra: 150.0, dec: 2.2, radius_deg: 0.5,"
+        " start: 2025-01-01, end: 2025-01-03}}\n"
+    )
+    r = cli("run", spec, "--no-progress")
+    assert r.exit_code == 1
+    assert "lakepipe: stage 'exposures' failed: ArchiveError" in r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr
+    r = cli("runs", "--lake", tmp_path / "lake", "-f", "csv")
+    assert r.exit_code == 0 and "failed" in r.stdout

@@ -139,6 +139,10 @@ def run(
     write_output(table, fmt, None, ExportMeta(options={"width": 200}))
     if report.exit_code == 2:  # every failure was bad input: say which, like other user errors
         err_console().print(f"lakepipe: error: {report.user_errors[0]}", markup=False)
+    for s in report.stages if report.exit_code != 2 else []:  # failed while listing its
+        if "*" in s.errors:  # partitions: none ran, so no progress line showed the error
+            first = s.errors["*"].strip().splitlines()[0] if s.errors["*"].strip() else "failed"
+            err_console().print(f"lakepipe: stage {s.name!r} failed: {first}", markup=False)
     if not dry_run:
         err_console().print(
             f"run {report.run_id}: lake {report.lake}"
