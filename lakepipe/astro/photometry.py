@@ -117,8 +117,9 @@ class DetectParams(_Model):
         4.5,
         gt=0,
         description="Threshold in σ of the background rms (of the filtered image, i.e. the "
-        "matched-filter SNR, by default): 4.5 keeps noise detections below 1 per 10^6 "
-        "pixels for any seeing",
+        "matched-filter SNR, by default). On pure noise 4.5 gives ~0.4 false detections "
+        "per 10^6 pixels at FWHM 3 px, rising to ~1 (0.9-1.4 over samples) at FWHM 4-6 px "
+        "as the kernel's correlation area grows; 5.0 stays below 0.1 per 10^6 pixels",
     )
     threshold_rms: Literal["local", "global"] = Field(
         "global",

@@ -50,59 +50,67 @@ def source_id_for(image_id: int, aperture_index: int, tag: str) -> int:
 class SourcesStage(Stage):
     """Detect and measure sources in every cutout or full exposure, with sep.
 
-        SExtractor's algorithms in-process (sep): a background mesh, detection above
-        ``detect.threshold_sigma`` × the background rms after filtering, deblending, windowed
-        centroids, circular-aperture photometry with CCD-equation errors (source Poisson via
-        the gain, sky and read noise per pixel, annulus error), optional Kron flux, flags
-        (blended, near edge, saturated, masked, …), ``ra``/``dec`` from the image WCS (null
-        with a note when there is none), forced photometry at given sky positions
-        (``forced = true`` rows, measured whether or not anything is there), and per image
-        the seeing FWHM (Moffat fits to bright, unsaturated, isolated stars), the aperture
-        correction and the 5σ limiting magnitude.
+    SExtractor's algorithms in-process (sep): a background mesh, detection above
+    ``detect.threshold_sigma`` × the background rms after filtering, deblending, windowed
+    centroids, circular-aperture photometry with CCD-equation errors (source Poisson via
+    the gain, sky and read noise per pixel, annulus error), optional Kron flux, flags
+    (blended, near edge, saturated, masked, …), ``ra``/``dec`` from the image WCS (null,
+    with the note "pixel positions only", when there is none), forced photometry at given
+    sky positions (``forced = true`` rows, measured whether or not anything is there),
+    and per image the seeing FWHM (Moffat fits to bright, unsaturated, isolated stars),
+    the aperture correction and the 5σ limiting magnitude.
 
-        Reads ``cutouts`` (their FITS files in the lake; ``image: cutout``, the default) or
-        ``exposures`` (full images from the archive; ``image: exposure``), one night per
-        partition; with an ``exposures`` table in the lake, its ``mjd``, ``filter`` and
-        ``zeropoint_mag`` are used, else the FITS header's (MJD-AVG, FILTER, MAGZP). Writes
-        ``sources`` (one row per detection or forced position, per aperture) and
-        ``image_stats`` (one row per image). Pixels that are NaN (the missing part of a
-        partial cutout) are masked, as are a cutout file's MASK/BPM/DQ extension and, for
-    full exposures, the archive's ``mask(exposure_id)`` when it has one (True = bad);
-    pixels at or above ``SATURATE`` flag their sources.
+    Reads ``cutouts`` (their FITS files in the lake; ``image: cutout``, the default) or
+    ``exposures`` (full images from the archive; ``image: exposure``), one night per
+    partition. With an ``exposures`` table in the lake, its ``mjd``, ``filter``,
+    ``zeropoint_mag``, ``gain_e_per_adu``, ``rdnoise_e`` and ``saturate_adu`` are used
+    where set, else the FITS header's (MJD-AVG, FILTER, MAGZP, GAIN, RDNOISE, SATURATE).
+    Writes ``sources`` (one row per detection or forced position, per aperture) and
+    ``image_stats`` (one row per image). NaN pixels (the missing part of a partial
+    cutout) are masked; for full exposures so are the archive's bad pixels when it has
+    a ``mask(exposure_id)`` (fits_dir: ``mask_hdu``, ``mask_bits``). Masked pixels are
+    ignored by the background and detection, interpolated for photometry, and flag the
+    sources on them; pixels at or above the saturation level flag theirs.
 
-        Parameters
-        ----------
-        image : ``cutout`` or ``exposure``: what to measure.
-        background : ``mesh_pix`` (64), ``filter_size`` (3), ``mode``: ``global`` (the mesh
-            map) or ``local`` (annulus ``annulus_pix`` [inner, outer] px, default 3/5 FWHM).
-        detect : ``threshold_sigma`` (4.5, in σ of the filtered image — the matched-filter
-            SNR — unless ``threshold_on: image``, SExtractor's DETECT_THRESH convention:
-            with default.conv, 1.5 image-σ = 4.0 filtered-σ; 4.5 keeps pure-noise detections
-            below 1 per 10⁶ pixels), ``threshold_rms`` global|local (rms map),
-            ``minarea`` (3 px), ``deblend_nthresh`` (32), ``deblend_cont`` (0.005),
-            ``clean`` (off: CLEAN's Moffat wings delete real neighbours of bright stars in
-            Gaussian-PSF images), ``clean_param``, ``filter`` seeing|default|none (a
-            Gaussian of the measured FWHM found from a ≥10σ pre-pass, SExtractor's
-            default.conv, or none), ``centroid`` windowed|isophotal, ``edge_buffer_pix``.
-        aperture : ``mode`` fixed (``radius`` in ``unit`` pix|arcsec) | fwhm (``scale`` ×
-            FWHM, default 2.0) | multi (``radii``; ``keep`` all rows, or the ``best`` radius
-            per image from the curve of growth); ``kron`` (AUTO flux), ``subpix`` (0 = exact
-            overlap), ``error_model`` empirical (measured rms) | ccd (B/g + (RN/g)²).
-        seeing : ``max_stars``, ``min_snr``, ``isolation_fwhm``, ``default_fwhm_pix``.
-        limiting_mag : ``mode`` analytic | random (``n_apertures`` blank-sky apertures with
-            sources masked and dilated by ``dilate_fwhm`` × FWHM, MAD σ, ``seed``), ``nsigma``.
-        forced : ``positions: [{id, ra, dec}]`` and/or ``sql`` returning ``ra, dec`` [, ``id``]
-            [, ``exposure_id``]; list the stage writing the queried table in ``inputs``.
+    Parameters
+    ----------
+    image : ``cutout`` or ``exposure``: what to measure.
+    background : ``mesh_pix`` (64), ``filter_size`` (3), ``mode``: ``global`` (the mesh
+        map) or ``local`` (annulus ``annulus_pix`` [inner, outer] px, default 3/5 FWHM,
+        without the pixels of other detections grown by ``annulus_mask_fwhm`` × FWHM,
+        bad or saturated pixels; the map where less than ``annulus_min_fraction`` is left).
+    detect : ``threshold_sigma`` (4.5, in σ of the filtered image — the matched-filter
+        SNR — unless ``threshold_on: image``, SExtractor's DETECT_THRESH convention:
+        with default.conv, 1.5 image-σ = 4.0 filtered-σ; on pure noise 4.5 gives ~0.4
+        false detections per 10⁶ pixels at FWHM 3 px and ~1 at 4-6 px, 5.0 below 0.1),
+        ``threshold_rms`` global|local (rms map), ``minarea`` (3 px),
+        ``deblend_nthresh`` (32), ``deblend_cont`` (0.005), ``clean`` (off: CLEAN's Moffat
+        wings delete real neighbours of bright stars in Gaussian-PSF images),
+        ``clean_param``, ``filter`` seeing|default|none (a Gaussian of the measured FWHM
+        found from a ≥10σ pre-pass, SExtractor's default.conv, or none), ``centroid``
+        windowed|isophotal, ``edge_buffer_pix``.
+    aperture : ``mode`` fixed (``radius`` in ``unit`` pix|arcsec) | fwhm (``scale`` ×
+        FWHM, default 2.0) | multi (``radii``; ``keep`` all rows, or the ``best`` radius
+        per image from the curve of growth); ``kron`` (AUTO flux in the ellipse of
+        K·a, K·b with K = max(``kron_factor`` × Kron radius, ``kron_min_radius``):
+        SExtractor's PHOT_AUTOPARAMS, default 2.5, 3.5), ``subpix`` (0 = exact overlap),
+        ``error_model`` empirical (measured rms) | ccd (B/g + (RN/g)²).
+    seeing : ``max_stars``, ``min_snr``, ``isolation_fwhm``, ``default_fwhm_pix``.
+    limiting_mag : ``mode`` analytic | random (``n_apertures`` blank-sky apertures with
+        sources masked and dilated by ``dilate_fwhm`` × FWHM, MAD σ, ``seed``), ``nsigma``.
+    forced : ``positions: [{id, ra, dec}]`` and/or ``sql`` returning ``ra, dec`` [, ``id``]
+        [, ``exposure_id``]; list the stage writing the queried table in ``inputs``.
 
-        Example::
+    Example::
 
-            sources:
-              kind: sources
-              inputs: [cutouts]
-              detect: {threshold_sigma: 5.0, minarea: 3}
-              aperture: {mode: fwhm, scale: 2.0}
-              limiting_mag: {mode: random, n_apertures: 500, seed: 1}
-              forced: {positions: [{id: sn, ra: 150.11, dec: 2.21}]}
+        sources:
+          kind: sources
+          inputs: [cutouts]
+          detect: {threshold_sigma: 5.0, minarea: 3}
+          aperture: {mode: fwhm, scale: 2.0, kron: true}
+          background: {mode: local}
+          limiting_mag: {mode: random, n_apertures: 500, seed: 1}
+          forced: {positions: [{id: sn, ra: 150.11, dec: 2.21}]}
     """
 
     reads = ()
@@ -177,16 +185,26 @@ class SourcesStage(Stage):
                 ctx.log.warning("image %s has no celestial WCS: forced positions skipped", image_id)
                 fra, fdec, fid = fra[:0], fdec[:0], fid[:0]
             p = self.params
-            m = ph.measure_image(
-                image,
-                background_params=p.background,
-                detect_params=p.detect,
-                aperture_params=p.aperture,
-                limiting_params=p.limiting_mag,
-                seeing_params=p.seeing,
-                forced_radec=(fra, fdec) if len(fra) else None,
-                seed=int(image_id) % (2**32),
-            )
+            try:
+                m = ph.measure_image(
+                    image,
+                    background_params=p.background,
+                    detect_params=p.detect,
+                    aperture_params=p.aperture,
+                    limiting_params=p.limiting_mag,
+                    seeing_params=p.seeing,
+                    forced_radec=(fra, fdec) if len(fra) else None,
+                    seed=int(image_id) % (2**32),
+                )
+            except LakepipeError:
+                raise
+            except Exception as exc:  # sep raises bare Exception ("invalid aperture ...")
+                raise StageError(
+                    f"stage {self.name!r}: measuring image {image_id} (exposure "
+                    f"{exposure_id}) failed: {type(exc).__name__}: {exc}",
+                    stage=self.name,
+                    partition=partition.key,
+                ) from exc
             src_pieces.append(self._sources_table(m, image_id, exposure_id, cutout_id, info, fid))
             stat_rows.append(self._stats_row(m, image, image_id, exposure_id, cutout_id, info))
         sources = (

@@ -234,11 +234,42 @@ def test_ccd_error_model_matches_empirical():
 
 
 def test_no_false_detections_on_blank_sky():
-    # truth: no stars at all; 2048² pixels of pure noise at the default threshold
+    # truth: no stars at all; 2048² pixels of pure noise through the whole default chain
+    # (no star for a FWHM: the default 3-px kernel)
     syn = synthetic_image(14, n_stars=0, shape=(2048, 2048))
     m = ph.measure_image(ph.image_from_array(syn.data, syn.header))
     per_million = m.stats["n_detected"] / (syn.data.size / 1e6)
     assert per_million < 1.0
+
+
+def test_false_detection_rate_pooled_over_seeing():
+    # truth: pure Gaussian noise, 3 seeds × 2048² per FWHM, detected through the matched
+    # (seeing) kernel as measure_image does. The rate of noise peaks grows with the
+    # kernel's correlation area: the DetectParams docstring quotes these figures.
+    n = 2048
+    fwhms = (2.0, 3.0, 4.0, 5.0, 6.0)
+    counts = {4.5: {}, 5.0: {}}
+    for fwhm in fwhms:
+        for t in counts:
+            counts[t][fwhm] = 0
+        for seed in range(3):
+            rng = np.random.default_rng([77, seed])
+            img = (100.0 + rng.normal(0.0, 10.0, (n, n))).astype(np.float32)
+            bkg = ph.background(img, None, ph.BackgroundParams())
+            sub = img - bkg.back()
+            for t in counts:
+                dp = ph.DetectParams(threshold_sigma=t)
+                objs, _ = ph.detect(sub, bkg, None, dp, kernel=ph.gaussian_kernel(fwhm))
+                counts[t][fwhm] += len(objs)
+    mpix = 3 * n * n / 1e6
+    rate = {t: {f: c / mpix for f, c in per.items()} for t, per in counts.items()}
+    pooled = {t: sum(per.values()) / (len(fwhms) * mpix) for t, per in counts.items()}
+    # default 4.5σ: ≤ ~1 per 10⁶ pixels, rising with FWHM (a few per 10⁷ below 3 px)
+    assert pooled[4.5] < 1.0
+    assert max(rate[4.5].values()) < 1.5
+    assert rate[4.5][2.0] < rate[4.5][5.0]
+    # 5σ: below 0.1 per 10⁶ pixels at any of these FWHMs
+    assert pooled[5.0] < 0.1 and max(rate[5.0].values()) < 0.2
 
 
 def test_saturated_and_masked_flags():

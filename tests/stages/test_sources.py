@@ -572,3 +572,11 @@ def test_fits_dir_image_without_wcs_pixels_only(tmp_path, caplog):
     d = np.hypot(src["x"][:, None] - (cat[:, 1] - 1), src["y"][:, None] - (cat[:, 2] - 1))
     # every catalogued object found at SExtractor's position
     assert len(src["x"]) == len(cat) == 65 and d.min(axis=0).max() < 0.01
+
+    # an aperture in arcsec needs a pixel scale: the failure names the image
+    stages["sources"]["aperture"] = {"mode": "fixed", "radius": 3.0, "unit": "arcsec"}
+    report = run_pipeline(write_spec(tmp_path, stages, archive), workers=1)
+    assert report.exit_code == 1
+    (message,) = report.stages[1].errors.values()
+    assert f"measuring image {exp['exposure_id']} (exposure {exp['exposure_id']})" in message
+    assert "arcsec but the image has no pixel scale" in message
