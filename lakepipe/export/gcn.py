@@ -10,10 +10,11 @@ writes, for one object of the ``lightcurves`` table, a fixed-width text table::
 
 Upper limits are written ``> limit`` (5 sigma). Times since T0 are in the unit that
 suits the span (s, min, h or d), magnitudes in the system the table records, not
-corrected for Galactic extinction (said in a footer line). Options (``--opt k=v``):
-``rows=all|first`` (first per filter), ``telescope=NAME`` (default from the exposures'
-archive), ``decimals=2``. The layout follows the tables of published GCN circulars
-(gcn.nasa.gov/circulars); there is no formal standard.
+corrected for Galactic extinction (said in a footer line, with T0 as ISO UTC and MJD).
+Options (``--opt k=v``): ``rows=all|first`` (``first``: the first detection at or after
+T0 in each filter; limits and earlier rows are left out), ``telescope=NAME`` (default
+from the exposures' archive), ``decimals=2``. The layout follows the tables of
+published GCN circulars (gcn.nasa.gov/circulars); there is no formal standard.
 """
 
 from __future__ import annotations
@@ -30,14 +31,36 @@ TELESCOPES = {"sim": "ZTF (sim)", "ztf": "ZTF", "fits_dir": "telescope"}
 FILTER_NAMES = {"zg": "g", "zr": "r", "zi": "i"}
 
 
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _source(table: str, options: dict[str, Any]) -> str | None:
-    """Join exposure time and archive onto lightcurve rows."""
-    if table != "lightcurves":
+    """The target's lightcurve rows (``rows=first``: its first detection after T0 per
+    filter) with exposure time and archive, selected in SQL so only they are read.
+
+    When that selects nothing, the query returns instead the first object ids of the
+    table (``object_id`` only, the other columns null) so that the error can list them.
+    """
+    if table != "lightcurves" or options.get("target") is None:
         return None
-    return (
+    target = _quote(str(options["target"]))
+    rows = (
         "select l.*, e.exptime_s, e.archive from lightcurves l "
-        "left join exposures e using (exposure_id)"
+        f"left join exposures e using (exposure_id) where l.object_id = {target}"
     )
+    if str(options.get("rows", "all")) == "first":
+        t0 = parse_t0(options.get("t0"))
+        rows = (
+            f"select * exclude (_n) from (select *, row_number() over (partition by filter "
+            f"order by mjd) as _n from ({rows}) where not upper_limit and mjd >= {t0!r}) "
+            "where _n = 1"
+        )
+    others = (
+        "select object_id from (select distinct object_id from lightcurves order by 1 "
+        f"limit 11) where not exists ({rows})"
+    )
+    return f"{rows} union all by name {others}"
 
 
 def parse_t0(value: Any) -> float:
@@ -74,25 +97,46 @@ def time_unit(dt_days: np.ndarray) -> tuple[str, float]:
 
 
 def gcn_rows(table: pa.Table, target: str, t0_mjd: float, options: dict[str, Any]) -> list[dict]:
-    """The rows of the GCN table for ``target`` (sorted by time)."""
-    rows = [r for r in table.to_pylist() if str(r.get("object_id")) == str(target)]
+    """The rows of the GCN table for ``target`` (sorted by time); ``rows=first`` keeps the
+    first detection at or after ``t0_mjd`` in each filter."""
+    mode = str(options.get("rows", "all"))
+    if mode not in ("all", "first"):
+        raise UserError(
+            f"--opt rows={mode!r}: use rows=all or rows=first (first detection after T0 per filter)"
+        )
+    all_rows = table.to_pylist()
+    # rows without an exposure are the object list of _source (nothing selected)
+    rows = [
+        r
+        for r in all_rows
+        if str(r.get("object_id")) == str(target) and r.get("exposure_id") is not None
+    ]
     if not rows:
-        ids = sorted({str(r.get("object_id")) for r in table.to_pylist()})
+        ids = sorted({str(r.get("object_id")) for r in all_rows})
         shown = ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "")
+        if mode == "first" and str(target) in ids:
+            raise UserError(f"target {target!r} has no detection after T0 (MJD {t0_mjd:.5f})")
         raise UserError(f"no lightcurve rows for target {target!r}; objects: {shown or '(none)'}")
     rows.sort(key=lambda r: (r["mjd"] is None, r["mjd"]))
-    mode = str(options.get("rows", "all"))
     if mode == "first":
         seen: set[str] = set()
-        rows = [r for r in rows if not (r["filter"] in seen or seen.add(r["filter"]))]
-    elif mode != "all":
-        raise UserError(f"--opt rows={mode!r}: use rows=all or rows=first (first per filter)")
+        rows = [
+            r
+            for r in rows
+            if not r.get("upper_limit")
+            and r["mjd"] is not None
+            and r["mjd"] >= t0_mjd
+            and not (r["filter"] in seen or seen.add(r["filter"]))
+        ]
+        if not rows:
+            raise UserError(f"target {target!r} has no detection after T0 (MJD {t0_mjd:.5f})")
     return rows
 
 
 @register_format("gcn", suffixes=(".gcn", ".gcn.txt"), source=_source)
 def write_gcn(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
-    """GCN circular photometry table: time since T0, telescope, filter, mag or > limit."""
+    """GCN circular photometry table: time since T0, telescope, filter, mag or > limit;
+    ``--opt rows=first`` keeps the first detection after T0 in each filter."""
     opts = meta.options
     target = opts.get("target")
     if target is None:
@@ -136,8 +180,11 @@ def write_gcn(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
     lines = [line(header), "-|-".join("-" * w for w in widths)]
     lines += [line(b) for b in body]
     lines.append("")
+    from astropy.time import Time
+
+    iso = Time(t0, format="mjd", scale="utc").isot
     lines.append(
-        f"T0 = MJD {t0:.5f} (UTC). Magnitudes are in the {system} system, not corrected for "
+        f"T0 = {iso} UTC (MJD {t0:.5f}). Magnitudes are in the {system} system, not corrected for "
         "Galactic extinction; limits are 5-sigma."
     )
     out.write(("\n".join(lines) + "\n").encode())

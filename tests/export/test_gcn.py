@@ -187,3 +187,35 @@ def test_plot_cutouts(tmp_path, cli):
     assert _not_blank(out)
     r = cli("plot", "cutouts", "other", "--lake", lake.root, "-o", out)
     assert r.exit_code == 2 and "no cutout files for target 'other'" in r.stderr
+
+
+def test_gcn_first_is_the_first_detection_after_t0(tmp_path, cli):
+    """rows=first skips a pre-T0 limit and a pre-T0 detection: the first detection at or
+    after T0 per filter (zr at T0+0.10 d, zg at T0+0.15 d); only the target's rows are
+    selected, so the CLI reports the rows written (2); the footer gives T0 in ISO UTC."""
+    lake = Lake(tmp_path / "lake")
+    grb = lightcurve_rows()
+    rows = grb.to_pylist()
+    early = {**rows[3], "mjd": T0 - 0.5, "exposure_id": 10}  # a zg limit before T0
+    pre = {**rows[0], "mjd": T0 - 0.2, "exposure_id": 9}  # a zr detection before T0
+    other = [{**r, "object_id": "star"} for r in rows]
+    table = pa.Table.from_pylist([*rows, early, pre, *other], schema=grb.schema)
+    commit(lake, "lightcurves", "bucket=07", table)
+    out = tmp_path / "first.gcn"
+    args = ["export", "lightcurves", "--lake", lake.root, "-f", "gcn", "--target", "grb"]
+    r = cli(*args, "--t0", "2025-01-03T00:00:00", "--opt", "rows=first", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert "wrote 2 rows" in r.stderr
+    text = out.read_text()
+    rows = [[c.strip() for c in ln.split("|")] for ln in text.splitlines()[2:] if " | " in ln]
+    assert [(c[0], c[2], c[4]) for c in rows] == [
+        ("2.400", "r", "18.50 +/- 0.03"),
+        ("3.600", "g", "18.90 +/- 0.04"),
+    ]
+    assert "T0 = 2025-01-03T00:00:00.000 UTC (MJD 60678.00000)" in text
+    # all rows of the target only (7), not the other object's
+    r = cli(*args, "--t0", str(T0), "-o", out)
+    assert r.exit_code == 0 and "wrote 7 rows" in r.stderr
+    # a T0 after every detection: no first row to give
+    r = cli(*args, "--t0", str(T0 + 5), "--opt", "rows=first", "-o", out)
+    assert r.exit_code == 2 and "no detection after T0" in r.stderr
