@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lakepipe.errors import UserError
 
@@ -34,8 +35,18 @@ def _save(fig: Figure, out: Path) -> Path:
     return out
 
 
+LIMIT_ARROW_MAG = 0.4  # length of an upper-limit arrow, towards fainter magnitudes
+
+
 def plot_lightcurve(rows: pa.Table, target: str, out: Path, *, t0_mjd: float | None = None) -> Path:
     """Magnitude vs time, error bars for detections, arrows for 5-sigma upper limits."""
+    return _save(lightcurve_figure(rows, target, t0_mjd=t0_mjd), out)
+
+
+def lightcurve_figure(rows: pa.Table, target: str, *, t0_mjd: float | None = None) -> Figure:
+    """The figure of :func:`plot_lightcurve`: a colour per filter, brighter up; an upper
+    limit is a bar at the limit with an arrow pointing down (fainter); time in days since
+    T0, or MJD (UTC) without an offset."""
     data = [r for r in rows.to_pylist() if str(r["object_id"]) == str(target)]
     if not data:
         raise UserError(f"no lightcurve rows for target {target!r}")
@@ -65,26 +76,27 @@ def plot_lightcurve(rows: pa.Table, target: str, out: Path, *, t0_mjd: float | N
                 capsize=2,
             )
         if lim:
-            ax.errorbar(
-                t(lim),
-                [r["limit_mag"] for r in lim],
-                yerr=0.25,
-                lolims=True,
-                fmt="v",
-                ms=5,
-                color=colour,
-                alpha=0.6,
-                mfc="none",
-                label=f"{f} 5σ limit ({len(lim)})",
-            )
+            tl = t(lim)
+            ml = np.array([r["limit_mag"] for r in lim], dtype=float)
+            ax.plot(tl, ml, ls="none", marker="_", ms=10, mew=1.5, color=colour, alpha=0.7,
+                    label=f"{f} 5σ limit ({len(lim)})")  # fmt: skip
+            for x, m in zip(tl, ml, strict=True):
+                # the object is fainter than m: an arrow from the limit towards larger mag
+                ax.annotate("", xy=(x, m + LIMIT_ARROW_MAG), xytext=(x, m),
+                            arrowprops={"arrowstyle": "-|>", "color": colour, "alpha": 0.7,
+                                        "lw": 1.2, "shrinkA": 0, "shrinkB": 0})  # fmt: skip
+            ax.update_datalim(np.column_stack([tl, ml + LIMIT_ARROW_MAG + 0.1]))
+    ax.autoscale_view()
     ax.invert_yaxis()  # brighter is up
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.xaxis.set_major_locator(MaxNLocator(6))
     system = next((r["mag_system"] for r in data if r.get("mag_system")), "")
     ax.set_ylabel(f"magnitude {f'({system})' if system else ''}")
     ax.set_xlabel(f"days since T0 (MJD {t0_mjd:.4f})" if t0_mjd is not None else "MJD (UTC)")
     ax.set_title(f"{target}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, out)
+    return fig
 
 
 def plot_cutouts(

@@ -151,6 +151,30 @@ def test_plot_lightcurve(lake, cli, tmp_path):
     assert _not_blank(out) and "5 points" in r.stderr
 
 
+def test_lightcurve_figure_limits_point_fainter_and_mjd_has_no_offset():
+    """The one upper limit (zg, 20.80) is an arrow from 20.80 towards fainter magnitudes
+    (larger, drawn downwards on the inverted axis), not errorbar limit carets; without T0
+    the x axis shows plain MJD (no '+6.0678e4' offset)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation
+
+    from lakepipe.plots import lightcurve_figure
+
+    fig = lightcurve_figure(lightcurve_rows(), "grb")
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    arrows = [a for a in ax.texts if isinstance(a, Annotation)]
+    assert len(arrows) == 1
+    (x0, y0), (x1, y1) = arrows[0].xyann, arrows[0].xy
+    assert x0 == x1 == pytest.approx(T0 + 0.45) and y0 == pytest.approx(20.8) and y1 > y0
+    assert ax.yaxis_inverted()
+    bottom, _ = ax.get_ylim()
+    assert bottom > y1  # the arrow head is inside the axes
+    assert ax.xaxis.get_major_formatter().get_offset() == ""
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels and all(lbl.startswith("6067") and "e" not in lbl for lbl in labels)
+
+
 def test_plot_cutouts(tmp_path, cli):
     lake = Lake(tmp_path / "lake")
     w = WCS(naxis=2)
