@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from lakepipe.errors import UserError
 from lakepipe.export.base import ExportMeta, register_format
 
 
@@ -25,13 +26,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
+CSV_UNITS = ("none", "names", "comments")
+
+
 @register_format("csv", suffixes=(".csv",))
 def write_csv(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
-    """Comma-separated values with a header row (RFC 4180, quoting only where needed)."""
+    """Comma-separated values with a header row (RFC 4180, quoting only where needed).
+
+    Units from the table contracts with ``--opt units=names`` (header ``mjd [d]``: still a
+    plain CSV every reader takes; only the names change) or ``--opt units=comments``
+    (``# unit: mjd = d`` lines before the header, for readers that skip comments, e.g.
+    pandas ``comment="#"``, astropy ``format="ascii.csv"``). ECSV keeps units natively.
+    """
+    mode = str(meta.options.get("units", "none"))
+    if mode not in CSV_UNITS:
+        raise UserError(f"--opt units={mode!r}: use one of {', '.join(CSV_UNITS)}")
+    names = list(table.column_names)
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     try:
         writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(table.column_names)
+        if mode == "comments":
+            for n in names:
+                if meta.units.get(n):
+                    text.write(f"# unit: {n} = {meta.units[n]}\n")
+        elif mode == "names":
+            names = [f"{n} [{meta.units[n]}]" if meta.units.get(n) else n for n in names]
+        writer.writerow(names)
         for batch in table.to_batches(max_chunksize=65_536):
             columns = [_csv_values(c) for c in batch.columns]
             writer.writerows(zip(*columns, strict=True))

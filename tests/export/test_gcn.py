@@ -243,3 +243,24 @@ def test_gcn_first_is_the_first_detection_after_t0(tmp_path, cli):
     # a T0 after every detection: no first row to give
     r = cli(*args, "--t0", str(T0 + 5), "--opt", "rows=first", "-o", out)
     assert r.exit_code == 2 and "no detection after T0" in r.stderr
+
+
+def test_lightcurve_csv_with_units(lake, cli, tmp_path):
+    """CSV of lightcurves: plain header by default; units from the contract in the names
+    (units=names) or as '# unit:' comment lines (units=comments) that astropy reads back."""
+    from astropy.table import Table
+
+    out = tmp_path / "lc.csv"
+    base = ["export", "lightcurves", "--lake", lake.root, "-o", out]
+    assert cli(*base).exit_code == 0
+    assert out.read_text().splitlines()[0].startswith("bucket,object_id,ra,dec,")
+    assert cli(*base, "--opt", "units=names").exit_code == 0
+    header = out.read_text().splitlines()[0].split(",")
+    assert {"ra [deg]", "mjd [d]", "mag [mag]", "limit_mag [mag]", "object_id"} <= set(header)
+    assert cli(*base, "--opt", "units=comments").exit_code == 0
+    lines = out.read_text().splitlines()
+    assert "# unit: mjd = d" in lines and "# unit: mag = mag" in lines
+    t = Table.read(out, format="ascii.csv", comment="#")
+    assert len(t) == 5 and t["mag"][0] == pytest.approx(18.5)
+    r = cli(*base, "--opt", "units=yes")
+    assert r.exit_code == 2 and "use one of none, names, comments" in r.stderr
