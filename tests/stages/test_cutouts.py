@@ -466,8 +466,8 @@ def test_demo_pipeline_runs_and_passes_its_diagnostics(cli, tmp_path):
     assert r.exit_code == 0
     counts = {row["status"]: row["n"] for row in json.loads(r.stdout)}
     # the cone centre lies on one of the 2x2 fields: 3 visits x 3 nights on it (at 512 px
-    # the 300" square crosses that field's edge); the two neighbours the 0.1 deg cone
-    # overlaps are imaged off-chip
-    assert counts == {"partial": 9, "off_chip": 18}
+    # the 600" square crosses that field's edge); the one neighbour the 0.1 deg cone
+    # overlaps is imaged off-chip
+    assert counts == {"partial": 9, "off_chip": 9}
     r = cli("run", "demo", "--lake", lake, "--workers", "1", *small)
     assert r.exit_code == 0 and "0 ran" in r.stderr
