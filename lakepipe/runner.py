@@ -529,11 +529,15 @@ class _DryRunReader(LakeReader):
 
 
 def preload() -> None:
-    """Import every plug-in once in the fork server, so workers start warm."""
+    """Import every plug-in once in the fork server, so workers start warm; also parse
+    the Earth-orientation (IERS) table that observer positions need (the sim's
+    asteroids, the orbit stages), which each worker would otherwise parse again."""
+    from lakepipe.astro.observatories import warm_earth_orientation
     from lakepipe.export.base import formats
 
     for registry in (stages_registry, archives, formats):
         registry.load()
+    warm_earth_orientation()
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

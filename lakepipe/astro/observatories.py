@@ -188,6 +188,14 @@ def _geocentric_posvel(obs: Observatory, mjd_utc: np.ndarray) -> tuple[np.ndarra
     return p, v
 
 
+def warm_earth_orientation() -> None:
+    """Parse astropy's bundled IERS table now (about a second, once per process).
+
+    The runner's fork server calls this before workers fork, so every worker inherits
+    the parsed table instead of parsing it again on its first observer position."""
+    _geocentric_posvel(OBSERVATORIES["I41"], np.array([60676.0]))
+
+
 def observer_state(
     code: str, mjd_utc: np.ndarray | float, *, heliocentric: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:

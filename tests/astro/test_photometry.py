@@ -163,6 +163,27 @@ def test_seeing_fwhm_moffat():
     assert m.stats["fwhm_pix"] == pytest.approx(4.0, rel=0.03)
 
 
+def test_seeing_prepass_on_a_large_image_uses_its_centre(monkeypatch):
+    # truth: Gaussian PSF of FWHM 2.5 px; with the pre-pass limited to the central
+    # quarter (the threshold lowered so this small image counts as large) the FWHM and
+    # the bright objects' full-image coordinates are the same as from the whole image
+    syn = synthetic_image(21, shape=(800, 800), n_stars=700, fwhm_pix=2.5)
+    img = ph.image_from_array(syn.data, syn.header)
+    whole = ph.measure_image(img)
+    monkeypatch.setattr(ph, "PREPASS_FULL_MAX_PIX", 100_000)
+    centre = ph.measure_image(img)
+    assert centre.stats["fwhm_pix"] == pytest.approx(2.5, rel=0.03)
+    assert centre.stats["fwhm_pix"] == pytest.approx(whole.stats["fwhm_pix"], rel=0.01)
+    assert len(centre.sources["x"]) == len(whole.sources["x"])  # same detections
+    bkg = ph.background(img.data, None, ph.BackgroundParams())
+    sub = img.data - bkg.back()
+    bright = ph.DetectParams(threshold_sigma=10.0, threshold_on="image")
+    objs = ph._bright_objects(sub, bkg, None, bright)
+    assert objs["x"].min() >= 200 and objs["x"].max() < 600  # the central quarter
+    d, _ = cKDTree(np.column_stack([syn.x, syn.y])).query(np.column_stack([objs["x"], objs["y"]]))
+    assert np.median(d) < 0.1  # full-image pixel coordinates of injected stars
+
+
 def test_completeness_snr_above_10(field):
     syn, _img, m = field
     s = m.sources

@@ -7,8 +7,11 @@ Compares, in one run and on the same images:
    (mesh 64/3, the same seeing-matched kernel and threshold, minarea, deblending, an
    aperture of 2 × FWHM) — the overhead of the science code (FWHM fits, windowed
    centroids, flags, error model, limiting magnitude);
-2. the whole stage through the runner (archive render + photometry + contract + Parquet
-   write) against render + raw sep, with 1 and 2 workers (scaling);
+2. the whole stage run as a user runs it (``lakepipe run --only sources -j N`` in a fresh
+   process: archive render + photometry + contract + Parquet write) against render +
+   raw sep, with 1 and 2 workers: throughput as marginal seconds per exposure between a
+   short and a long run, so a run's fixed costs (interpreter, imports, the IERS table,
+   the pool's start) cancel and are reported apart;
 3. peak memory of one worker measuring one exposure (a fresh process);
 4. completeness against the survey's truth (stars with SNR > 10) next to photutils'
    ``SourceFinder`` + ``aperture_photometry`` at the same threshold and aperture (speed
@@ -124,26 +127,39 @@ def timed(fn, *args, repeat: int = 1):
 
 
 def pipeline_seconds(n: int, workers: int, root: Path) -> float:
-    """Wall time of the sources stage over n nights (one exposure each)."""
+    """Wall time of ``lakepipe run --only sources -j workers`` over n nights (one exposure
+    each), as a user runs it: a fresh process, the exposures already in the lake."""
+    import shutil
+    import subprocess
+    import sys
+
     from lakepipe.runner import run_pipeline
 
+    base = root / f"lake_n{n}"
     spec = {
         "name": "bench_sources",
-        "lake": str(root / f"lake_w{workers}"),
+        "lake": str(base),
         "archive": {"kind": "sim", **SIM, "n_nights": n},
         "stages": {
             "exposures": {"kind": "exposures"},
             "sources": {"kind": "sources", "inputs": ["exposures"], "image": "exposure"},
         },
     }
-    path = root / f"spec_w{workers}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    run_pipeline(path, workers=workers, only=["exposures"])
+    if not base.exists():
+        path = root / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        run_pipeline(path, workers=1, only=["exposures"])
+    lake = root / f"lake_n{n}_w{workers}"
+    shutil.rmtree(lake, ignore_errors=True)
+    shutil.copytree(base, lake)
+    path = root / f"spec_n{n}_w{workers}.yaml"
+    path.write_text(yaml.safe_dump({**spec, "lake": str(lake)}, sort_keys=False))
+    cmd = [sys.executable, "-m", "lakepipe", "run", str(path), "--only", "sources"]
     t0 = time.perf_counter()
-    report = run_pipeline(path, workers=workers, only=["sources"])
+    r = subprocess.run([*cmd, "-j", str(workers), "--no-progress"], capture_output=True)
     elapsed = time.perf_counter() - t0
-    if report.exit_code:
-        raise SystemExit(f"pipeline failed: {report}")
+    if r.returncode:
+        raise SystemExit(f"pipeline failed: {r.stderr.decode()}")
     return elapsed
 
 
@@ -171,6 +187,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exposures", type=int, default=4)
     ap.add_argument("--no-photutils", action="store_true")
+    ap.add_argument(
+        "--scaling-exposures", type=int, default=12, help="exposures for the 1 vs 2 workers run"
+    )
     args = ap.parse_args()
     from lakepipe.astro import photometry as ph
 
@@ -231,16 +250,31 @@ def main() -> None:
             f"({med(pu_s) / med(ours_s):.1f}x slower than lakepipe), completeness "
             f"{np.mean(comp_pu):.3f}"
         )
+    ns = max(args.scaling_exposures, 2 * n)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        t1 = pipeline_seconds(n, 1, root)
-        t2 = pipeline_seconds(n, 2, root)
+
+        def best(k: int, workers: int) -> float:  # best of two: a loaded VM's noise
+            return min(pipeline_seconds(k, workers, root) for _ in range(2))
+
+        t1s, t1 = best(n, 1), best(ns, 1)
+        t2s, t2 = best(n, 2), best(ns, 2)
     base = med(render_s) + med(raw_s)
+    # throughput: the marginal seconds per exposure between a short and a long run, so
+    # the fixed costs of a run (interpreter, imports, IERS table, the worker pool's
+    # start) cancel; those are reported on their own
+    per1 = (t1 - t1s) / (ns - n)
+    per2 = (t2 - t2s) / (ns - n)
     print(
-        f"stage via runner, 1 worker  {t1 / n:7.2f} s / exposure  "
-        f"(vs render + raw sep {base:.2f} s: overhead {t1 / n / base - 1:+.0%})"
+        f"stage via `lakepipe run`, 1 worker : {t1s:5.1f} s for {n}, {t1:5.1f} s for {ns} "
+        f"exposures -> {per1:.2f} s per exposure (vs render + raw sep {base:.2f} s: "
+        f"overhead {per1 / base - 1:+.0%}); fixed cost of a run {t1s - n * per1:.1f} s"
     )
-    print(f"stage via runner, 2 workers {t2 / n:7.2f} s / exposure  (speed-up {t1 / t2:.2f}x)")
+    print(
+        f"stage via `lakepipe run`, 2 workers: {t2s:5.1f} s for {n}, {t2:5.1f} s for {ns} "
+        f"exposures -> {per2:.2f} s per exposure: throughput x{per1 / per2:.2f} of one "
+        f"worker (end to end for {ns}: x{t1 / t2:.2f}); fixed cost {t2s - n * per2:.1f} s"
+    )
     print(f"peak memory of one worker   {peak_memory_mib(n):7.0f} MiB")
 
 
