@@ -68,7 +68,9 @@ class SourcesStage(Stage):
     Writes ``sources`` (one row per detection or forced position, per aperture) and
     ``image_stats`` (one row per image). NaN pixels (the missing part of a partial
     cutout) are masked; for full exposures so are the archive's bad pixels when it has
-    a ``mask(exposure_id)`` (fits_dir: ``mask_hdu``, ``mask_bits``). Masked pixels are
+    a ``mask(exposure_id)`` (fits_dir: ``mask_hdu``, ``mask_bits``), and in every image
+    the dead and hot columns found from column medians (``detect.bad_column_sigma``,
+    3σ of the background rms; null turns it off). Masked pixels are
     ignored by the background and detection, interpolated for photometry, and flag the
     sources on them; pixels at or above the saturation level flag theirs.
 

@@ -313,6 +313,35 @@ def test_saturated_and_masked_flags():
     assert s["flux"][idx[1]] == pytest.approx(2e4, rel=0.03)
 
 
+def test_dead_and_hot_columns_are_found_and_masked():
+    # truth: column 301 is dead (read noise only, no sky, no star light) and column 150
+    # hot (+400 ADU); the star on the dead column is flagged masked and its flux
+    # interpolated; no other column of this or four more star fields is flagged
+    x = np.array([300.0, 200.0])
+    y = np.array([300.0, 200.0])
+    syn = synthetic_image(15, shape=(400, 400), positions=(x, y), fluxes=np.full(2, 2e4))
+    data = syn.data.copy()
+    rng = np.random.default_rng(3)
+    data[:, 301] = rng.normal(0.0, RDNOISE / GAIN, data.shape[0])
+    data[:, 150] += 400.0
+    img = ph.image_from_array(data, syn.header)
+    bkg = ph.background(img.data, None, ph.BackgroundParams())
+    assert ph.bad_columns(img.data - bkg.back(), None, bkg.globalrms, 3.0).tolist() == [150, 301]
+    m = ph.measure_image(img, seeing_params=ph.SeeingParams(default_fwhm_pix=3.0))
+    s = m.sources
+    idx = match(s["x"], s["y"], x, y, radius=2.0)
+    assert (idx >= 0).all()
+    assert s["flags"][idx[0]] & ph.FLAG_MASKED and s["flags"][idx[1]] == 0
+    assert s["flux"][idx[0]] == pytest.approx(2e4, rel=0.03)
+    off = ph.measure_image(img, detect_params=ph.DetectParams(bad_column_sigma=None))
+    k = match(off.sources["x"], off.sources["y"], x[:1], y[:1], radius=2.0)[0]
+    assert k < 0 or not off.sources["flags"][k] & ph.FLAG_MASKED  # unmasked when off
+    for seed in range(30, 34):  # no false columns in clean crowded fields
+        clean = synthetic_image(seed, shape=(300, 500), n_stars=300)
+        b = ph.background(clean.data, None, ph.BackgroundParams())
+        assert len(ph.bad_columns(clean.data - b.back(), None, b.globalrms, 3.0)) == 0
+
+
 def test_forced_photometry_unbiased_below_detection():
     # truth: 200 faint stars (SNR ~2 in the aperture) at known sky positions
     rng = np.random.default_rng(16)
