@@ -40,6 +40,27 @@ def test_votable_round_trip(lake, cli, tmp_path):
     assert len(t) == 4 and str(t["total"].unit) == "mag"
 
 
+def test_votable_keeps_non_vounit_units_quietly(tmp_path):
+    # "electron / adu" (the exposures' gain) is outside the VOUnit standard; astropy
+    # warns (W50) when the table is built and again when it is written. The unit is kept
+    # verbatim and no warning escapes (the test suite turns warnings into errors).
+    import io
+
+    import pyarrow as pa
+
+    from lakepipe.export.base import ExportMeta
+
+    t = pa.table({"gain_e_per_adu": [1.5, 2.0]})
+    buf = io.BytesIO()
+    meta = ExportMeta(units={"gain_e_per_adu": "electron / adu"})
+    formats.get("votable").write(t, buf, meta)
+    buf.seek(0)
+    from astropy.io.votable import parse
+
+    field = parse(buf).get_first_table().fields[0]
+    assert "electron" in str(field.unit) and "adu" in str(field.unit)
+
+
 def test_csv_json_parquet_by_suffix(lake, cli, tmp_path):
     for suffix, check in [
         (".csv", lambda p: p.read_text().splitlines()[0] == "bucket,n,total"),

@@ -26,14 +26,16 @@ def write_ecsv(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
 def write_votable(table: pa.Table, out: BinaryIO, meta: ExportMeta) -> None:
     """IVOA VOTable 1.4 (TABLEDATA), with units and descriptions."""
     from astropy.io.votable import from_table
+    from astropy.io.votable.exceptions import W50
 
     t = to_astropy(table, meta)
     with warnings.catch_warnings():
-        # astropy warns about units outside the VOUnit standard (e.g. "electron / adu");
-        # the unit string is still written verbatim.
-        warnings.simplefilter("ignore")
+        # W50: a unit outside the VOUnit standard (e.g. "electron / adu"), raised both
+        # when the table is built and when it is written; the unit string is still
+        # written verbatim, so the warning only alarms.
+        warnings.simplefilter("ignore", W50)
         vot = from_table(t)
-    vot.to_xml(out)
+        vot.to_xml(out)
 
 
 @register_format("parquet", suffixes=(".parquet", ".pq"), binary=True)
