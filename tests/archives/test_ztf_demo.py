@@ -185,6 +185,8 @@ def test_demo_on_ztf_emulator_with_faults_matches_sim(cli, tmp_path) -> None:
     )[0]
     assert traffic["retries"] > 0 and traffic["catalog_retries"] > 0  # both clients retried
     assert traffic["rate_wait_s"] > 0  # and the limiter held requests back
+    # every fault in the emulator's log cost exactly one retry, and the run log has it
+    assert traffic["retries"] + traffic["catalog_retries"] == n_503 + n_429 + len(truncated)
     assert traffic["catalog_requests"] == sum(e.path == "/viz-bin/asu-tsv" for e in log)
 
     # exposures: the same rows, up to the IBE round trips
