@@ -105,18 +105,32 @@ def plot_cutouts(
     target: str,
     out: Path,
     *,
-    aperture_arcsec: float = 5.0,
+    position: tuple[float, float] | None = None,
+    size_arcsec: float | None = 60.0,
+    aperture_arcsec: float | None = None,
     max_stamps: int = 36,
 ) -> Path:
-    """A grid of the target's cutout stamps (zscale), each with the aperture drawn."""
+    """A grid of stamps of ``target`` (zscale), each with the aperture circle drawn.
+
+    ``cutouts`` rows carry ``path``, ``exposure_id``, ``ra``/``dec`` (the cutout centre),
+    and optionally ``mjd``, ``filter`` and ``aperture_arcsec`` (the radius the sources
+    stage used on that image). ``position`` (ra, dec in deg) is where the target is, when
+    it is not the cutout centre; ``size_arcsec`` crops each stamp around it (None: the
+    whole cutout); ``aperture_arcsec`` overrides the per-image radius (else 5″).
+    """
     from astropy.io import fits
+    from astropy.nddata import Cutout2D
     from astropy.visualization import ZScaleInterval
     from astropy.wcs import WCS, FITSFixedWarning
     from matplotlib.patches import Circle
 
-    rows = [r for r in cutouts.to_pylist() if str(r["target_id"]) == str(target) and r["path"]]
+    rows = [r for r in cutouts.to_pylist() if r["path"]]
     if not rows:
-        raise UserError(f"no cutout files for target {target!r}; see the cutouts table")
+        raise UserError(
+            f"no cutout files for target {target!r}: it is neither a cutouts target_id nor "
+            'an object on a cutout; see `lakepipe query "select distinct target_id from '
+            'cutouts"` and the lightcurves table'
+        )
     rows.sort(key=lambda r: (r.get("mjd") or 0.0, r["exposure_id"]))
     rows = rows[:max_stamps]
     ncol = min(6, len(rows))
@@ -130,15 +144,24 @@ def plot_cutouts(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FITSFixedWarning)  # non-standard cards
                 wcs = WCS(hdu.header)
+        ra, dec = position if position is not None else (r["ra"], r["dec"])
+        x, y = (float(v) for v in wcs.world_to_pixel_values(ra, dec))
+        scale = abs(wcs.proj_plane_pixel_scales()[0].to_value("arcsec")) or 1.0
+        if size_arcsec:
+            side = max(round(size_arcsec / scale), 8)
+            cut = Cutout2D(data, (x, y), (side, side), mode="partial", fill_value=np.nan)
+            data = cut.data
+            x, y = cut.to_cutout_position((x, y))
         finite = np.isfinite(data)
         vmin, vmax = ZScaleInterval().get_limits(data[finite]) if finite.any() else (0, 1)
         ax.imshow(data, origin="lower", cmap="gray_r", vmin=vmin, vmax=vmax)
-        x, y = wcs.world_to_pixel_values(r["ra"], r["dec"])
-        scale = abs(wcs.proj_plane_pixel_scales()[0].to_value("arcsec")) or 1.0
-        ax.add_patch(Circle((x, y), aperture_arcsec / scale, fill=False, color="#d62728", lw=1))
+        radius = aperture_arcsec or r.get("aperture_arcsec") or 5.0
+        ax.add_patch(Circle((x, y), radius / scale, fill=False, color="#d62728", lw=1))
         label = f"{r.get('filter') or ''} {r['mjd']:.3f}" if r.get("mjd") else str(r["exposure_id"])
         ax.set_title(label, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{target}: {len(rows)} cutouts (aperture r = {aperture_arcsec:g}″)", fontsize=9)
+    what = f"aperture r = {aperture_arcsec:g}″" if aperture_arcsec else "the sources' apertures"
+    crop = f", {size_arcsec:g}″ stamps" if size_arcsec else ""
+    fig.suptitle(f"{target}: {len(rows)} images{crop} ({what})", fontsize=9)
     return _save(fig, out)

@@ -57,25 +57,63 @@ def lightcurve(
 @plot_app.command("cutouts")
 @handle_errors
 def cutouts(
-    target: str = typer.Argument(..., help="target_id in the cutouts table"),
+    target: str = typer.Argument(
+        ..., help="A cutouts target_id, or an object_id of the lightcurves table"
+    ),
     out: Path = typer.Option(..., "--output", "-o", help="PNG file to write"),
-    aperture_arcsec: float = typer.Option(5.0, "--aperture-arcsec", help="Circle radius"),
+    size_arcsec: float = typer.Option(
+        60.0, "--size-arcsec", help="Side of each stamp around the target (0: whole cutout)"
+    ),
+    aperture_arcsec: float | None = typer.Option(
+        None,
+        "--aperture-arcsec",
+        help="Circle radius (default: the aperture the sources stage used, else 5)",
+    ),
     lake: str | None = LAKE_OPT,
     pipeline: str | None = PIPELINE_OPT,
 ) -> None:
-    """Plot a grid of a target's cutouts (zscale) with the aperture drawn.
+    """Plot a grid of stamps of a target (zscale) with the aperture drawn.
 
-    Example: lakepipe plot cutouts center -p demo -o stamps.png
+    TARGET is a cutout target (e.g. `center`) or an object of the lightcurves table (a
+    lightcurve target such as `transient`, or a catalogue id): then every cutout whose
+    square holds its position is used.
+
+    Example: lakepipe plot cutouts transient -p demo -o stamps.png
     """
     from lakepipe.plots import plot_cutouts
 
     lk = require_lake(lake_for(lake, pipeline))
-    rows = LakeSQL(lk).query(
-        "select c.*, e.mjd, e.filter from cutouts c left join exposures e using (exposure_id) "
-        f"where c.target_id = {_sql_str(target)} and c.status in ('ok', 'partial') "
-        "order by e.mjd"
+    sql = LakeSQL(lk)
+    t = _sql_str(target)
+    aperture = (  # the radius the sources stage used on each image, when it ran
+        "(select max(s.aperture_radius_pix * s.pixscale_arcsec) from image_stats s "
+        "where s.cutout_id = c.cutout_id) as aperture_arcsec"
     )
-    path = plot_cutouts(rows, lk.files.abspath, target, out, aperture_arcsec=aperture_arcsec)
+    base = (
+        f"select c.*, e.mjd, e.filter, {aperture} from cutouts c "
+        "left join exposures e using (exposure_id) where c.status in ('ok', 'partial')"
+    )
+    rows = sql.query(f"{base} and c.target_id = {t} order by e.mjd")
+    position = None
+    if rows.num_rows == 0:  # an object: the cutouts whose square holds its position
+        obj = sql.query(f"select ra, dec from lightcurves where object_id = {t} limit 1")
+        if obj.num_rows:
+            ra, dec = obj.column("ra")[0].as_py(), obj.column("dec")[0].as_py()
+            position = (ra, dec)
+            rows = sql.query(
+                f"{base} and abs(c.dec - {dec!r}) < c.size_arcsec / 7200.0 and "
+                f"abs(((c.ra - {ra!r} + 540) % 360) - 180) * cos(radians({dec!r})) "
+                "< c.size_arcsec / 7200.0 order by e.mjd"
+            )
+    path = plot_cutouts(
+        rows,
+        lk.files.abspath,
+        target,
+        out,
+        position=position,
+        size_arcsec=size_arcsec or None,
+        aperture_arcsec=aperture_arcsec,
+    )
     err_console().print(f"wrote {path} ({min(rows.num_rows, 36)} stamps)", markup=False)
 
 

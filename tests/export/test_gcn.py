@@ -211,6 +211,18 @@ def test_plot_cutouts(tmp_path, cli):
     assert _not_blank(out)
     r = cli("plot", "cutouts", "other", "--lake", lake.root, "-o", out)
     assert r.exit_code == 2 and "no cutout files for target 'other'" in r.stderr
+    # an object of the lightcurves table 10" north of the cutout centre is found on both
+    # cutouts (their 64" squares hold it); one 0.1 deg away is on none
+    near = lightcurve_rows().to_pylist()
+    near = [{**r, "object_id": "near", "dec": 2.2 + 10 / 3600} for r in near]
+    far = [{**r, "object_id": "far", "dec": 2.3} for r in lightcurve_rows().to_pylist()]
+    commit(lake, "lightcurves", "bucket=07", pa.Table.from_pylist([*near, *far]))
+    out2 = tmp_path / "near.png"
+    r = cli("plot", "cutouts", "near", "--lake", lake.root, "-o", out2, "--size-arcsec", "30")
+    assert r.exit_code == 0, r.stderr
+    assert "(2 stamps)" in r.stderr and _not_blank(out2)
+    r = cli("plot", "cutouts", "far", "--lake", lake.root, "-o", out2)
+    assert r.exit_code == 2 and "no cutout files for target 'far'" in r.stderr
 
 
 def test_gcn_first_is_the_first_detection_after_t0(tmp_path, cli):
