@@ -363,10 +363,19 @@ def coverage_limits(
 def summarise(lc: pa.Table, flags_mask: int = -1) -> pa.Table:
     """``lightcurve_stats``: one row per (object, filter), from upper limits and the
     detections without any of the ``flags_mask`` bits."""
+    flagged: dict[tuple[str, str], int] = {}  # rows left out, per (object, filter)
     if lc.num_rows:
         flags = pc.fill_null(lc.column("flags"), 0).to_numpy(zero_copy_only=False)
         upper = lc.column("upper_limit").to_numpy(zero_copy_only=False)
-        lc = lc.filter(pa.array(upper | ((flags & flags_mask) == 0)))
+        keep = upper | ((flags & flags_mask) == 0)
+        out_rows = lc.filter(pa.array(~keep))
+        for k in zip(
+            out_rows.column("object_id").to_pylist(),
+            out_rows.column("filter").to_pylist(),
+            strict=True,
+        ):
+            flagged[k] = flagged.get(k, 0) + 1
+        lc = lc.filter(pa.array(keep))
     if lc.num_rows == 0:
         from lakepipe.tables import get_contract
 
@@ -408,4 +417,11 @@ def summarise(lc: pa.Table, flags_mask: int = -1) -> pa.Table:
     for name, values in s.items():
         arr = np.asarray(values)
         out[name] = pa.array(arr, mask=~np.isfinite(arr)) if arr.dtype.kind == "f" else arr
+    out["n_flagged"] = pa.array(
+        [
+            flagged.get(k, 0)
+            for k in zip(out["object_id"].to_pylist(), out["filter"].to_pylist(), strict=True)
+        ],
+        pa.int32(),
+    )
     return pa.table(out)

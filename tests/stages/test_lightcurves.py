@@ -271,3 +271,18 @@ def test_transient_stands_out_by_violated_limits(survey_lake) -> None:
         * 3600 < 1.5 and r["object_id"] != "sn"
     ]  # fmt: skip
     assert len(near) == 1
+
+
+def test_stats_account_for_every_lightcurve_row(survey_lake) -> None:
+    """n_obs + n_flagged is each (object, filter)'s lightcurve row count: the rows the
+    statistics leave out for their flags are counted, not silently lost (the survey's
+    blends and dead-column stars give some)."""
+    reader, _archive = survey_lake
+    rows = reader.sql(
+        "select s.object_id, s.filter, s.n_obs, s.n_flagged, count(*) as n_rows "
+        "from lightcurve_stats s join lightcurves l using (object_id, filter) "
+        "group by all"
+    ).to_pylist()
+    assert len(rows) > 1000
+    assert all(r["n_obs"] + r["n_flagged"] == r["n_rows"] for r in rows)
+    assert sum(r["n_flagged"] for r in rows) > 0
