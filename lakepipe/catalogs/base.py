@@ -57,16 +57,10 @@ from lakepipe.catalogs.epoch import mjd_to_jyear, propagate_proper_motion
 
 CatalogKind = Literal["auto", "parquet", "csv", "fits", "hats", "archive", "cds"]
 _CDS = CdsParams.model_fields
-#: CatalogConfig keys that are CdsParams knobs (only meaningful with ``kind: cds``)
-CDS_KEYS = (
-    "table",
-    "vizier_url",
-    "xmatch_url",
-    "row_limit",
-    "xmatch_chunk_rows",
-    "xmatch_max_rows",
-    "http",
-)
+#: CatalogConfig keys that are CdsParams knobs (only meaningful with ``kind: cds``). The
+#: XMatch knobs are not among them: a catalog reads reference rows by cone (VizieR);
+#: the XMatch upload is ``CdsClient.xmatch``, for Python callers.
+CDS_KEYS = ("table", "vizier_url", "row_limit", "http")
 MAX_RANGES = 64  # coarsen the HEALPix cover until a filter has at most this many ranges
 
 
@@ -134,21 +128,8 @@ class CatalogConfig(BaseModel):
     vizier_url: str = Field(
         _CDS["vizier_url"].default, description="kind: cds: " + _CDS["vizier_url"].description
     )
-    xmatch_url: str = Field(
-        _CDS["xmatch_url"].default, description="kind: cds: " + _CDS["xmatch_url"].description
-    )
     row_limit: int = Field(
         _CDS["row_limit"].default, gt=0, description="kind: cds: " + _CDS["row_limit"].description
-    )
-    xmatch_chunk_rows: int = Field(
-        _CDS["xmatch_chunk_rows"].default,
-        gt=0,
-        description="kind: cds: " + _CDS["xmatch_chunk_rows"].description,
-    )
-    xmatch_max_rows: int = Field(
-        _CDS["xmatch_max_rows"].default,
-        gt=0,
-        description="kind: cds: " + _CDS["xmatch_max_rows"].description,
     )
     http: HttpParams = Field(default_factory=HttpParams, description="kind: cds: polite HTTP knobs")
     max_pm_mas_yr: float = Field(
@@ -164,7 +145,7 @@ class CatalogConfig(BaseModel):
     def _no_login_in_urls(cls, data: object) -> object:
         # model level, so that error reports never echo the URL (and its password)
         if isinstance(data, dict):
-            for key in ("vizier_url", "xmatch_url"):
+            for key in ("vizier_url",):
                 if isinstance(data.get(key), str):
                     reject_userinfo(data[key], key)
         return data

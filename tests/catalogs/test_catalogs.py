@@ -272,7 +272,7 @@ def test_bad_configs(tmp_path: Path) -> None:
 
 
 def test_cds_knobs_in_the_catalog_config(tmp_path: Path) -> None:
-    """`catalog: {kind: cds}` carries every CdsParams knob; other kinds refuse them;
+    """`catalog: {kind: cds}` carries the CdsParams knobs of a cone read; other kinds refuse them;
     an unknown key gets a did-you-mean from the spec loader."""
     from lakepipe.archives.cds import CdsCatalog, CdsParams
     from lakepipe.errors import SpecError
@@ -282,10 +282,7 @@ def test_cds_knobs_in_the_catalog_config(tmp_path: Path) -> None:
         kind="cds",
         table="I/350/gaiaedr3",
         vizier_url="http://127.0.0.1:9/viz",
-        xmatch_url="http://127.0.0.1:9/xm",
         row_limit=7,
-        xmatch_chunk_rows=3,
-        xmatch_max_rows=11,
         http={"rate_limit_per_s": 2.0, "contact": "me@example.org"},
     )
     cat = open_catalog(cfg)
@@ -293,12 +290,12 @@ def test_cds_knobs_in_the_catalog_config(tmp_path: Path) -> None:
     assert cat.client.params == CdsParams(
         table="I/350/gaiaedr3",
         vizier_url="http://127.0.0.1:9/viz",
-        xmatch_url="http://127.0.0.1:9/xm",
         row_limit=7,
-        xmatch_chunk_rows=3,
-        xmatch_max_rows=11,
         http={"rate_limit_per_s": 2.0, "contact": "me@example.org"},
     )
+    # the catalog reads by cone: XMatch upload knobs belong to CdsClient.xmatch callers
+    with pytest.raises(ValueError, match="xmatch_url"):
+        CatalogConfig(kind="cds", xmatch_url="http://127.0.0.1:9/xm")
     # one place for defaults: an empty cds config is CdsParams()
     assert CatalogConfig(kind="cds").cds_params() == CdsParams()
     with pytest.raises(ValueError, match="row_limit: only for catalog kind 'cds'"):
