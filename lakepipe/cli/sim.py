@@ -137,6 +137,7 @@ def _jsonl_recorder(emu: ArchiveEmulator, fh: IO[str]) -> None:
             "bytes": entry.bytes,
             "fault": entry.fault or None,
             "range": entry.range,
+            "user": entry.user,  # HTTP Basic user name only: the emulator never keeps passwords
         }
         with lock:  # request threads share the file: one line at a time
             fh.write(json.dumps(row) + "\n")
@@ -160,7 +161,7 @@ def serve(
         None,
         "--log",
         help="Append every request as a JSON line (timestamp, method, path, query, status, "
-        "bytes, fault, range) to this file",
+        "bytes, fault, range, HTTP Basic user name; never a password) to this file",
     ),
 ) -> None:
     """Serve the virtual survey over HTTP through the real archives' APIs (IRSA IBE for

@@ -3,7 +3,8 @@
 Truths: the written reference catalog (Parquet or HATS) answers a cone read exactly
 like the archive's own catalog (``catalog: {kind: archive}``) in a pipeline; a busy
 port is a clear input error (exit 2) and no "serving" banner is printed; ``--log``
-records every answered request as a JSON line with the status the client saw.
+records every answered request as a JSON line with the status the client saw and the
+HTTP Basic user name it sent, never its password.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def test_serve_on_a_busy_port_is_an_input_error(cli):
     assert "serving" not in r.stderr and "Traceback" not in r.stderr
 
 
+LOGIN = ("ztf-user", "not-in-the-log-7")  # an HTTP Basic login sent to the emulator
+
+
 def test_serve_logs_requests_as_jsonl(tmp_path):
     log = tmp_path / "requests.jsonl"
     cmd = [sys.executable, "-m", "lakepipe", "sim", "serve", "--port", "0", "--log", str(log),
@@ -103,6 +107,9 @@ def test_serve_logs_requests_as_jsonl(tmp_path):
         ("GET", "/no/such/path", 503, "status"),
     ]
     assert rows[0]["query"] == "WHERE=field%3E0"
+    # the login's user name is recorded, the password never (the first request sent one)
+    assert [r["user"] for r in rows] == [LOGIN[0], None]
+    assert LOGIN[1] not in log.read_text()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", rows[0]["timestamp"])
 
 
@@ -121,7 +128,7 @@ def _exercise(proc: subprocess.Popen) -> None:
         assert url, "no serving banner"
         with requests.Session() as s:
             sci = f"{url}/ibe/search/ztf/products/sci"
-            a = s.get(sci, params={"WHERE": "field>0"}, timeout=10)
+            a = s.get(sci, params={"WHERE": "field>0"}, auth=LOGIN, timeout=10)
             b = s.get(f"{url}/no/such/path", timeout=10)
         assert a.status_code == b.status_code == 503  # --fault down=true
     finally:
