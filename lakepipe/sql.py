@@ -10,6 +10,7 @@ false`` with ``allowed_directories``), so writes, ``ATTACH``, ``COPY``,
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import weakref
@@ -17,7 +18,7 @@ import weakref
 import duckdb
 import pyarrow as pa
 
-from lakepipe.errors import SQLError
+from lakepipe.errors import LakeError, SQLError
 from lakepipe.lake import Lake, Manifest
 from lakepipe.tables import Contract, contracts
 
@@ -66,6 +67,7 @@ class LakeSQL:
         self.manifest = manifest or lake.manifest()
         self.threads = threads
         self._con: duckdb.DuckDBPyConnection | None = None
+        self.broken: dict[str, str] = {}  # tables whose committed files cannot be read
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(":memory:")
@@ -74,14 +76,21 @@ class LakeSQL:
         known = contracts()
         for name in sorted(set(known) | set(self.manifest.tables)):
             contract = known.get(name)
-            if contract is None:  # committed by a plug-in that is not loaded now
-                files = ", ".join(_sql_str(self.lake.fs.uri(f)) for f in self.manifest.files(name))
-                con.execute(
-                    f"create view {_ident(name)} as select * from "
-                    f"read_parquet([{files}], hive_partitioning=true)"
-                )
-                continue
-            self._create_view(con, contract)
+            try:
+                if contract is None:  # committed by a plug-in that is not loaded now
+                    files = ", ".join(
+                        _sql_str(self.lake.fs.uri(f)) for f in self.manifest.files(name)
+                    )
+                    con.execute(
+                        f"create view {_ident(name)} as select * from "
+                        f"read_parquet([{files}], hive_partitioning=true)"
+                    )
+                else:
+                    self._create_view(con, contract)
+            except duckdb.Error as exc:
+                # one unreadable table must not take the others down: remember why, and
+                # say so when a query names it
+                self.broken[name] = str(exc).splitlines()[0]
         self._create_runs_view(con)
         # DuckDB lets queries read its spill directory (default ``./.tmp`` under the
         # working directory); point it at a private, empty one removed with the connection.
@@ -160,7 +169,29 @@ class LakeSQL:
                 f"tables (and files under {self.lake.root}); see `lakepipe lake tables`."
             ) from None
         except duckdb.Error as exc:
-            raise SQLError(f"SQL error: {exc}") from None
+            if not isinstance(exc, duckdb.IOException) and str(self.lake.root) not in str(exc):
+                raise self._query_error(sql, exc) from None
+            # a committed file vanished or is damaged (not the query's fault)
+            raise LakeError(
+                f"the lake at {self.lake.root} has a committed file that cannot be read: "
+                f"{str(exc).splitlines()[0]}. Rerun the pipeline that wrote it (`lakepipe "
+                "run SPEC`: damaged partitions are redone), or `lakepipe run SPEC --force "
+                "STAGE`."
+            ) from None
+
+    def _query_error(self, sql: str, exc: Exception) -> Exception:
+        """The error to raise for a failed query: the lake's fault when it names a table
+        whose files could not be read, else the query's."""
+        named = [t for t in self.broken if re.search(rf"\b{re.escape(t)}\b", sql)]
+        if named:
+            t = named[0]
+            return LakeError(
+                f"table {t!r} cannot be read from the lake at {self.lake.root}: "
+                f"{self.broken[t]}. Its committed files are missing, damaged, or were "
+                "written by an older lakepipe whose table contract differs; rerun the "
+                "stage that writes it (`lakepipe run SPEC --force STAGE`)."
+            )
+        return SQLError(f"SQL error: {exc}")
 
     def close(self) -> None:
         """Close the cached connection (it is also closed when garbage-collected)."""

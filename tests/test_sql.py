@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lakepipe.errors import SQLError
+from lakepipe.errors import LakeError, SQLError
 from lakepipe.lake import Lake
 from lakepipe.runner import run_pipeline
 from lakepipe.sql import LakeSQL
@@ -121,3 +121,27 @@ def test_runs_tolerates_a_torn_last_line(lake):
         fh.write('{"run_id": "x", "stage": "numb')
     n = LakeSQL(lake).query("select count(*) as n from _runs").column("n")[0].as_py()
     assert n == 8
+
+
+def test_an_unreadable_table_does_not_take_the_others_down(lake):
+    # truth: toy_numbers' files lose a contract column (an older writer, or damage);
+    # toy_sums stays queryable, and a query naming toy_numbers says which table, why and
+    # the fix, as a lake error (exit 1), not as the user's SQL error
+    import pyarrow.parquet as pq
+
+    for rel in lake.manifest().files("toy_numbers"):
+        path = lake.fs.abspath(rel)
+        pq.write_table(pq.read_table(path).drop_columns(["value"]), path)
+    assert LakeSQL(lake).query("select count(*) as n from toy_sums").to_pylist() == [{"n": 4}]
+    with pytest.raises(LakeError, match=r"table 'toy_numbers' cannot be read.*--force STAGE"):
+        LakeSQL(lake).query("select count(*) from toy_numbers")
+    with pytest.raises(SQLError, match="Binder Error"):  # the query's own fault stays so
+        LakeSQL(lake).query("select nope from toy_sums")
+
+
+def test_a_truncated_committed_file_is_a_lake_error(lake):
+    rel = lake.manifest().files("toy_sums")[0]
+    path = lake.fs.abspath(rel)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(LakeError, match=r"cannot be read.*magic bytes"):
+        LakeSQL(lake).query("select sum(total) from toy_sums")
