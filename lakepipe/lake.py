@@ -223,6 +223,21 @@ class Lake:
                 fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 
+    def damaged_files(self, entry: PartitionEntry) -> list[str]:
+        """The committed files of ``entry`` that are missing or not the size the manifest
+        recorded (deleted or truncated behind the lake's back), each with what is wrong."""
+        bad = []
+        for f in entry.files:
+            try:
+                size = self.fs.size(f["path"])
+            except FileNotFoundError:
+                bad.append(f"{f['path']} missing")
+                continue
+            if size != f["bytes"]:
+                what = "truncated" if size < f["bytes"] else "resized"
+                bad.append(f"{f['path']} {what} ({size} of {f['bytes']} bytes)")
+        return bad
+
     # -- writing -------------------------------------------------------------------------
     def write_partition(
         self, contract: Contract, key: str, table: pa.Table, fingerprint: str

@@ -10,8 +10,15 @@ the parent makes them visible in batched atomic manifest commits. One failing
 partition is logged with its error while the others complete.
 
 Before any partition runs, every stage of the run gets its :meth:`Stage.preflight`
-(bad input stops the run with exit 2, lake untouched). A dry run plans downstream
-stages against the fingerprints upstream stages would commit (see :class:`_DryRun`).
+(bad input stops the run with exit 2, lake untouched). The lake's lock is taken only
+when the run is about to write (see :class:`_RunLock`), so input that fails preflight or
+the first stage's partition listing leaves every lake file, ``_lake/LOCK`` included,
+byte-identical (and creates no lake at a new path). A dry run plans downstream stages
+against the fingerprints upstream stages would commit (see :class:`_DryRun`).
+
+A partition is skipped only when its fingerprint matches *and* its committed files are
+all there at their recorded sizes (and the stage's :meth:`Stage.verify_partition` finds
+nothing wrong); a file deleted or truncated behind the lake's back reruns it.
 """
 
 from __future__ import annotations
@@ -582,12 +589,13 @@ def run_pipeline(
     order = loaded.stage_order()
     pools = _PoolHolder(workers)
     runlog = _RunLog(lake_obj, run_id, loaded.resolved_yaml())
-    lock = lake_obj.lock("run") if not dry_run else contextlib.nullcontext()
-    with lock:
+    selected = [n for n in order if not only_set or n in only_set]
+    # bad input stops here, before the lock: the lake (LOCK included) stays untouched
+    preflight(lake_obj, loaded, selected, spec_json=spec_json, spec_dir=spec_dir)
+    lock = _RunLock(lake_obj)
+    try:
         dry = _DryRun(lake_obj.manifest()) if dry_run else None
-        selected = [n for n in order if not only_set or n in only_set]
         try:
-            preflight(lake_obj, loaded, selected, spec_json=spec_json, spec_dir=spec_dir)
             for name in selected:
                 sreport = _run_stage(
                     lake_obj,
@@ -601,10 +609,13 @@ def run_pipeline(
                     pools=pools,
                     observer=observer,
                     log=runlog,
+                    lock=lock,
                 )
                 report.stages.append(sreport)
         finally:
             pools.shutdown()
+    finally:
+        lock.release()
     return report
 
 
@@ -659,6 +670,34 @@ class _RunLog:
         self.lake.log_attempt(self.run_id, record)
 
 
+class _RunLock:
+    """The lake's run lock, taken when a run first needs to write.
+
+    Planning the first stage (listing its partitions, maybe asking the archive) needs no
+    lock: the manifest is replaced atomically. :meth:`take` locks the lake before
+    anything is written and says whether the committed state moved meanwhile (another
+    run committed between planning and locking), in which case the stage plans again.
+    """
+
+    def __init__(self, lake: Lake) -> None:
+        self.lake = lake
+        self._cm: contextlib.AbstractContextManager[None] | None = None
+
+    def take(self, planned_on: Manifest) -> bool:
+        """Lock (once per run); True when the manifest differs from ``planned_on``."""
+        if self._cm is not None:
+            return False
+        cm = self.lake.lock("run")
+        cm.__enter__()
+        self._cm = cm
+        return self.lake.manifest().to_json() != planned_on.to_json()
+
+    def release(self) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+
+
 class _PoolHolder:
     """Lazily created process pool shared by the stages of one run."""
 
@@ -690,24 +729,31 @@ def _run_stage(
     pools: _PoolHolder,
     observer: RunObserver,
     log: _RunLog,
+    lock: _RunLock,
 ) -> StageReport:
     s = loaded.model.stages[name]
     cls = stage_class(s)
     report = StageReport(name=name, kind=cls.kind)
     dry_run = dry is not None
-    manifest = dry.manifest if dry is not None else lake.manifest()
-    reader = dry.reader(lake) if dry is not None else None
     stage = _make_stage(loaded, name)
-    ctx = make_context(lake, loaded, name, spec_json, spec_dir, manifest, reader)
     t_stage = time.perf_counter()
-    try:
-        partitions = list(stage.partitions(ctx))
-    except UserError:
-        raise
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, LakepipeError):
-            msg += "\n" + traceback.format_exc(limit=8)
+    while True:
+        manifest = dry.manifest if dry is not None else lake.manifest()
+        reader = dry.reader(lake) if dry is not None else None
+        ctx = make_context(lake, loaded, name, spec_json, spec_dir, manifest, reader)
+        listing_error = ""
+        try:
+            partitions = list(stage.partitions(ctx))
+        except UserError:
+            raise  # bad input: nothing written yet in this stage, the run stops (exit 2)
+        except Exception as exc:
+            listing_error = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, LakepipeError):
+                listing_error += "\n" + traceback.format_exc(limit=8)
+        if dry_run or not lock.take(manifest):
+            break  # else another run committed while this one listed: list again, locked
+    if listing_error:
+        msg = listing_error
         report.failed = 1
         report.errors["*"] = msg
         if not dry_run:
@@ -737,7 +783,8 @@ def _run_stage(
     by_part = {p.key: p for p in partitions}
     for plan in plans:
         if plan.action == "skip":
-            damaged = stage.verify_partition(ctx, by_part[plan.key])
+            damaged = _damaged_output(lake, manifest, cls.writes, plan.key)
+            damaged = damaged or stage.verify_partition(ctx, by_part[plan.key])
             if damaged:
                 plan.action, plan.reason = "run", f"output damaged: {damaged}"
     report.plans = plans
@@ -832,6 +879,22 @@ def _run_stage(
     report.seconds = time.perf_counter() - t_stage
     observer.stage_finished(report)
     return report
+
+
+def _damaged_output(lake: Lake, manifest: Manifest, writes: Iterable[str], key: str) -> str | None:
+    """Why partition ``key``'s committed Parquet files cannot be trusted, or None: a
+    file missing or not its recorded size (deleted or truncated behind the lake's back)."""
+    bad = [
+        d
+        for table in writes
+        if (entry := manifest.partitions(table).get(key)) is not None
+        for d in lake.damaged_files(entry)
+    ]
+    if not bad:
+        return None
+    if len(bad) == 1:
+        return f"file {bad[0]}"
+    return f"{len(bad)} files missing or truncated, e.g. {bad[0]}"
 
 
 def _record(

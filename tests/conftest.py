@@ -120,11 +120,12 @@ def emu(survey: SimArchive) -> Iterator[ArchiveEmulator]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """Every file below ``root`` with its SHA-256 (to prove nothing changed)."""
+    """Every file below ``root`` with its SHA-256, ``_lake/LOCK`` included (to prove
+    nothing changed)."""
     if not root.exists():
         return {}
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "LOCK"
+        if p.is_file()
     }

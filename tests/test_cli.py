@@ -178,6 +178,50 @@ def test_dry_run_lists_downstream_work(built, cli):
     assert "sums,bucket=00,run,input changed" in lines
 
 
+def test_deleted_or_truncated_parquet_is_noticed_and_redone(built, cli):
+    # Truth: the manifest records each committed file's size; a file removed or cut short
+    # behind the lake's back makes its partition "run" (not "skip"), the rerun restores
+    # exactly the rows of the first run, and queries work again.
+    spec, lake = built
+    sql = "select bucket, count(*) as n, sum(value) as s from toy_numbers group by 1 order by 1"
+    first = cli("query", "--lake", lake, "-f", "csv", sql)
+    assert first.exit_code == 0 and len(first.stdout.splitlines()) == 5
+    [gone] = (lake / "toy_numbers" / "bucket=01").glob("*.parquet")
+    [cut] = (lake / "toy_numbers" / "bucket=03").glob("*.parquet")
+    gone.unlink()
+    size = cut.stat().st_size
+    cut.write_bytes(cut.read_bytes()[: size // 2])
+    broken = cli("query", "--lake", lake, sql)  # the damage is real
+    assert broken.exit_code == 1 and "'toy_numbers' cannot be read" in broken.stderr
+    r = cli("run", spec, "--dry-run", "-f", "csv")
+    lines = r.stdout.splitlines()
+    rel = f"toy_numbers/bucket=01/{gone.name}"
+    assert f"numbers,bucket=01,run,output damaged: file {rel} missing" in lines
+    rel = f"toy_numbers/bucket=03/{cut.name}"
+    truncated = f"file {rel} truncated ({size // 2} of {size} bytes)"
+    assert f"numbers,bucket=03,run,output damaged: {truncated}" in lines
+    assert "numbers,bucket=00,skip,unchanged" in lines
+    # same rows again: the sums reading them stay unchanged
+    assert "sums,bucket=01,skip,unchanged" in lines
+    r = cli("run", spec, "-j", "1", "--no-progress", "-f", "csv")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[1].startswith("numbers,toy_numbers,2,2,0,0,100,")
+    again = cli("query", "--lake", lake, "-f", "csv", sql)
+    assert again.exit_code == 0 and again.stdout == first.stdout
+    assert cut.stat().st_size == size
+
+
+def test_a_locked_lake_refuses_a_second_run_but_not_a_dry_run(built, cli):
+    from lakepipe.lake import Lake
+
+    spec, lake = built
+    with Lake(lake).lock("vacuum"):
+        r = cli("run", spec, "-j", "1", "--no-progress", "--force", "sums")
+        assert r.exit_code == 1 and "is locked by another lakepipe process" in r.stderr
+        r = cli("run", spec, "--dry-run", "-f", "csv", "--force", "sums")
+        assert r.exit_code == 0 and "sums,bucket=00,run,forced" in r.stdout.splitlines()
+
+
 def _bad_yaml(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "bad.yaml"
     p.write_text(text)
@@ -523,6 +567,24 @@ def test_bad_input(built, cli, tmp_path, make_args, code, pattern):
     assert re.search(pattern, text), text
     assert "Traceback" not in text
     assert tree_digest(lake) == before  # nothing in the lake changed
+
+
+@pytest.mark.parametrize(
+    ("params", "pattern"),
+    [
+        ("checked_file: absent.txt", r"checked_file .*absent.txt not found"),  # preflight
+        ("need_file: absent.csv", r"toy input file absent.csv not found"),  # listing
+    ],
+)
+def test_bad_input_on_a_new_lake_path_creates_nothing(cli, tmp_path, params, pattern):
+    # Truth: the run stops before the lake's lock is taken, so no folder appears at all.
+    spec = _bad_yaml(
+        tmp_path, GOOD_STAGES.replace("{kind: toy_numbers}", f"{{kind: toy_numbers, {params}}}")
+    )
+    new = tmp_path / "new"
+    r = cli("run", spec, "--lake", new, "--no-progress")
+    assert r.exit_code == 2 and re.search(pattern, r.stderr), r.stderr
+    assert not new.exists()
 
 
 def test_archive_down_names_the_failure_and_keeps_the_lake(cli, tmp_path):
