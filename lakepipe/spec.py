@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import graphlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -177,7 +178,10 @@ def load_spec(
     try:
         model = spec_model().model_validate(raw)
     except ValidationError as exc:
-        errors = [_format_error(e, raw, lines, label, overrides) for e in exc.errors()]
+        # union members report the same problem once each: say it once
+        errors = list(
+            dict.fromkeys(_format_error(e, raw, lines, label, overrides) for e in exc.errors())
+        )
         raise SpecError(f"{label}: invalid spec\n" + "\n".join(errors), errors) from None
     _check_graph(model, label, lines)
     return LoadedSpec(model=model, raw=raw, path=path, overrides=tuple(overrides))
@@ -268,9 +272,9 @@ def _format_error(
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_for(loc, lines)
     where = f"{label}:{line}" if line else label
-    overridden = [o for o in overrides if o.split("=", 1)[0].strip() == dotted]
+    overridden = _blamed_override(loc, dotted, lines, overrides)
     if overridden:
-        where = f"--set {overridden[0]}"
+        where = f"--set {overridden}"
     etype = err["type"]
     if etype == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1], raw)
@@ -288,6 +292,9 @@ def _format_error(
         msg = f"missing 'kind'. Available kinds: {', '.join(_kinds_for(loc))}."
     elif etype == "missing":
         msg = "required key is missing"
+    elif etype in ("model_type", "model_attributes_type", "dict_type"):
+        got = err.get("input")
+        msg = f"expected a mapping of keys (got {got!r})"
     else:
         got = err.get("input")
         got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
@@ -295,22 +302,51 @@ def _format_error(
     return f"{where}: {dotted}: {msg}"
 
 
+def _blamed_override(
+    loc: tuple[Any, ...], dotted: str, lines: dict[tuple[str, ...], int], overrides: Any
+) -> str | None:
+    """The ``--set`` item an error at ``loc`` comes from, if any: one that set this key
+    or a mapping above it, or one that created this key (absent from the file)."""
+    in_file = tuple(str(p) for p in loc) in lines
+    for item in overrides:
+        keypath = item.split("=", 1)[0].strip()
+        if keypath == dotted or dotted.startswith(keypath + "."):
+            return item
+        if keypath.startswith(dotted + ".") and not in_file:
+            return item
+    return None
+
+
+_ABSENT = object()
+# how pydantic names union members in error locations: class names, and core-schema
+# tags such as ``function-after[_check(), Model]``, ``list[str]``, ``literal['a']``
+_MEMBER_TAG = re.compile(r"^[A-Z]|[\[\]()]|^[a-z]+(-[a-z]+)+$")
+
+
 def _clean_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> tuple[Any, ...]:
-    """Drop the discriminator tags pydantic inserts into locations."""
+    """Drop what pydantic inserts into locations that is not a key of the YAML: the
+    discriminator tags of kinds and the names of union members (``SkyPoint``,
+    ``function-after[_check_region(), ExposureQuery]``, ``float``…)."""
     out: list[Any] = []
     node: Any = raw
-    for part in loc:
-        if isinstance(node, dict) and part not in node and node.get("kind") == part:
-            continue
-        if isinstance(part, str) and part.endswith("Spec") and isinstance(node, dict):
-            continue
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part not in node:
+            if node.get("kind") == part:
+                continue
+            if isinstance(part, str) and (
+                part.endswith("Spec") or not last or _MEMBER_TAG.search(part)
+            ):
+                continue  # a missing key is always the last part; a member tag is not a key
+        elif node is not _ABSENT and not isinstance(node, dict) and isinstance(part, str):
+            continue  # a scalar or a list has no string keys: a union member's name
         out.append(part)
         if isinstance(node, dict):
-            node = node.get(part)
+            node = node.get(part, _ABSENT)
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:
-            node = None
+            node = _ABSENT
     return tuple(out)
 
 

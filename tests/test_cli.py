@@ -546,6 +546,50 @@ BAD_INPUTS = [
         r"no run 'nope' in the run log of lake .*; list its runs with `lakepipe runs --lake ",
     ),
     (
+        "union-member-names-hidden",  # center: SkyPoint | ExposureQuery, both reject ra
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                "name: c\narchive: {kind: sim}\nstages:\n"
+                "  exposures: {kind: exposures}\n"
+                "  c: {kind: cutouts, inputs: [exposures], center: {ra: 400, dec: 2}}\n",
+            ),
+        ],
+        2,
+        # said once, at the YAML's own key path: no SkyPoint, no function-after[...]
+        r"(?s)^(?!.*SkyPoint)(?!.*function-after)(?!.*center\.ra.*center\.ra).*"
+        r"bad.yaml:5: stages\.c\.center\.ra: input should be less than 360 \(got 400\)",
+    ),
+    (
+        "union-not-a-mapping",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                "name: c\narchive: {kind: sim}\nstages:\n"
+                "  exposures: {kind: exposures}\n"
+                "  c: {kind: cutouts, inputs: [exposures], center: 5}\n",
+            ),
+        ],
+        2,
+        r"(?s)^(?!.*center:.*center:).*bad.yaml:5: stages\.c\.center: expected a mapping of "
+        r"keys \(got 5\)",
+    ),
+    (
+        "set-creates-unknown-stage",  # blame the --set value, not a line of the file
+        lambda t, lk: [
+            "run",
+            _bad_yaml(t, GOOD_STAGES),
+            "--lake",
+            lk,
+            "--set",
+            "stages.nosuch.x=1",
+        ],
+        2,
+        r"--set stages.nosuch.x=1: stages.nosuch: missing 'kind'",
+    ),
+    (
         "workers-zero",
         lambda t, lk: ["run", _bad_yaml(t, GOOD_STAGES), "--lake", lk, "--workers", "0"],
         2,
