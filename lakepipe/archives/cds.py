@@ -96,6 +96,7 @@ class CdsClient:
             "bytes": st.bytes,
             "cache_hits": st.cache_hits,
             "rate_wait_s": round(st.rate_wait_s, 3),
+            "failed_fast": st.failed_fast,  # not sent: the host appeared down
             "query_rows": self.query_rows,
         }
 

@@ -14,6 +14,12 @@ citizen of a public archive does:
 - retries with exponential backoff and jitter on connection errors, timeouts, dropped
   bodies, 429 and every status >= 500, honouring ``Retry-After`` (RFC 9110 §10.2.3);
   never on other 4xx;
+- a circuit breaker per host: after ``breaker_after`` consecutive requests that used up
+  their retries on a 5xx, a timeout or a connection error, the host "appears down" and
+  further requests fail at once for ``breaker_cooldown_s``, then one trial request is
+  let through (half-open) and a success closes the breaker again (the pattern of
+  M. Nygard, *Release It!*, 2nd ed., ch. 5). Its state lives in the client, so it is
+  per process: each runner worker (a separate process) learns of an outage by itself;
 - body checks: ``Content-Length`` must match, and a format hook (``check_fits``) must
   accept the payload, else the attempt counts as failed and is retried;
 - streaming downloads to ``<dest>.part`` with resume by HTTP ``Range`` (RFC 9110 §14)
@@ -108,6 +114,18 @@ class HttpParams(BaseModel):
     retry_after_max_s: float = Field(
         300.0, ge=0, description="Longest Retry-After honoured; longer waits are capped"
     )
+    breaker_after: int = Field(
+        3,
+        ge=0,
+        description="Consecutive requests to a host failing after all retries (5xx, timeout, "
+        "connection error) before it counts as down and requests fail at once (0: never)",
+    )
+    breaker_cooldown_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long requests to a down host fail at once before one trial request "
+        "is let through",
+    )
     cache_dir: str | None = Field(
         None,
         description="Response/download cache folder (default: $LAKEPIPE_HTTP_CACHE, else none)",
@@ -143,6 +161,7 @@ class HttpStats:
     cache_hits: int = 0
     downloads_resumed: int = 0
     rate_wait_s: float = 0.0
+    failed_fast: int = 0  # requests not sent: their host appeared down (circuit breaker)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
@@ -368,6 +387,90 @@ class ConcurrencyCap:
             delay = min(delay * 2, 0.05)
 
 
+class CircuitBreaker:
+    """Fail fast on a host that appears down (see the module docstring).
+
+    Closed: requests go through; each one that ends in a "down" failure (retries used up
+    on a 5xx, a timeout or a connection error) adds one to a count, and any other ending
+    (a 200, a 4xx, a bad body: the host answered) resets it. Open, once the count reaches
+    ``after``: :meth:`allow` raises :class:`ArchiveError` for ``cooldown_s`` after the
+    last failure. Half-open, after that: one trial request is let through (others still
+    fail at once); its failure opens the breaker again, its success closes it.
+
+    The state is held in this object (thread-safe), i.e. per client and so per process:
+    the runner's workers are separate processes and each counts failures on its own.
+    ``after=0`` disables the breaker.
+    """
+
+    def __init__(self, host: str, after: int, cooldown_s: float) -> None:
+        self.host = host
+        self.after = after
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.last_reason = ""
+        self._last_failure_wall = 0.0  # epoch seconds, for messages
+        self._last_failure_mono = 0.0
+        self._trial = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.after > 0 and self.failures >= self.after
+
+    def allow(self, method: str, shown: str) -> None:
+        """Return if a request may be sent now, else raise the "appears down" error."""
+        with self._lock:
+            if not self.is_open:
+                return
+            since = time.monotonic() - self._last_failure_mono
+            if since >= self.cooldown_s and not self._trial:
+                self._trial = True
+                log.info("%s: cool-down over; sending one trial request", self.host)
+                return
+            wait = max(0.0, self.cooldown_s - since)
+            when = time.strftime("%H:%M:%S UTC", time.gmtime(self._last_failure_wall))
+            retry = (
+                f"for another {wait:.1f} s"
+                if wait > 0
+                else "until the trial request in flight ends"
+            )
+            raise ArchiveError(
+                f"{method} not sent: the archive at {self.host} appears down: {self.failures} "
+                f"consecutive requests failed after all their retries (the last at {when}, "
+                f"{since:.0f} s ago: {self.last_reason}); requests to it fail at once {retry} "
+                f"(http.breaker_cooldown_s={self.cooldown_s:g}, http.breaker_after="
+                f"{self.after}). Rerun later: committed partitions are kept and the rerun "
+                "retries only what failed",
+                url=shown,
+            )
+
+    def settle(self, down: bool | None, reason: str = "") -> None:
+        """Record how a sent request ended: ``True`` a down failure, ``False`` the host
+        answered, ``None`` unknown (e.g. interrupted: the count is left as it is)."""
+        with self._lock:
+            self._trial = False
+            if down is None or self.after == 0:
+                return
+            if not down:
+                if self.failures >= self.after:
+                    log.info("%s answers again; circuit breaker closed", self.host)
+                self.failures = 0
+                return
+            self.failures += 1
+            self.last_reason = reason if len(reason) <= 200 else reason[:197] + "..."
+            self._last_failure_wall = time.time()
+            self._last_failure_mono = time.monotonic()
+            if self.failures == self.after:
+                log.warning(
+                    "%s appears down after %d consecutive failed requests (%s); requests to "
+                    "it fail at once for %g s",
+                    self.host,
+                    self.failures,
+                    reason,
+                    self.cooldown_s,
+                )
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -415,6 +518,7 @@ class HttpClient:
         self._limits_lock = threading.Lock()
         self._rate: dict[str, RateLimiter] = {}
         self._caps: dict[str, ConcurrencyCap] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._auth: dict[str, tuple[str, str] | None] = {}
         cache = self.params.cache_dir or os.environ.get(CACHE_ENV)
         self.cache_dir = Path(cache).expanduser() if cache else None
@@ -444,6 +548,14 @@ class HttpClient:
                 )
                 self._caps[host] = ConcurrencyCap(self.params.max_concurrency_per_host, base)
             return self._rate[host], self._caps[host]
+
+    def _breaker(self, url: str) -> CircuitBreaker:
+        host = host_key(url)
+        with self._limits_lock:
+            if host not in self._breakers:
+                p = self.params
+                self._breakers[host] = CircuitBreaker(host, p.breaker_after, p.breaker_cooldown_s)
+            return self._breakers[host]
 
     def _auth_for(self, url: str) -> tuple[str, str] | None:
         """The login for ``url``: environment credentials only for their own origin,
@@ -678,76 +790,92 @@ class HttpClient:
         attempt: Callable[[tuple[float, float]], HttpResponse],
     ) -> HttpResponse:
         p = self.params
+        breaker = self._breaker(url)
+        try:
+            breaker.allow(method, shown)
+        except ArchiveError:
+            self.stats.add(failed_fast=1)
+            raise
         rate, cap = self._limits(url)
         t0 = time.monotonic()
         timeout = (p.connect_timeout_s, p.read_timeout_s)
         last_status: int | None = None
         last_reason = ""
-        for n in range(1, p.max_retries + 2):
-            retry_after: float | None = None
-            with cap.hold():
-                waited = rate.acquire()
-                self.stats.add(requests=1, rate_wait_s=waited, retries=int(n > 1))
-                try:
-                    result = attempt(timeout)
-                except (requests.ConnectionError, requests.Timeout) as exc:
-                    last_status, last_reason = None, f"{type(exc).__name__}: {exc}"
-                except (
-                    requests.exceptions.ChunkedEncodingError,
-                    urllib3.exceptions.ProtocolError,
-                    urllib3.exceptions.ReadTimeoutError,
-                ) as exc:
-                    last_status, last_reason = 200, f"connection dropped mid-body: {exc}"
-                except BodyError as exc:
-                    last_status, last_reason = 200, str(exc)
-                except requests.RequestException as exc:  # invalid URL, too many redirects
-                    raise ArchiveError(
-                        f"{method} failed: {exc}",
-                        url=shown,
-                        attempts=n,
-                        elapsed_s=time.monotonic() - t0,
-                    ) from exc
-                else:
-                    if result.status == 200:
-                        self.stats.add(bytes=len(result.content))
-                        return HttpResponse(
-                            result.url,
-                            200,
-                            result.headers,
-                            result.content,
-                            attempts=n,
-                            elapsed_s=time.monotonic() - t0,
-                        )
-                    last_status = result.status
-                    if not is_retryable_status(result.status):
-                        said = result.text.strip().replace("\n", " ")[:200]
+        down: bool | None = None  # how this request ends, for the circuit breaker
+        try:
+            for n in range(1, p.max_retries + 2):
+                retry_after: float | None = None
+                with cap.hold():
+                    waited = rate.acquire()
+                    self.stats.add(requests=1, rate_wait_s=waited, retries=int(n > 1))
+                    try:
+                        result = attempt(timeout)
+                    except (requests.ConnectionError, requests.Timeout) as exc:
+                        last_status, last_reason = None, f"{type(exc).__name__}: {exc}"
+                    except (
+                        requests.exceptions.ChunkedEncodingError,
+                        urllib3.exceptions.ProtocolError,
+                        urllib3.exceptions.ReadTimeoutError,
+                    ) as exc:
+                        last_status, last_reason = 200, f"connection dropped mid-body: {exc}"
+                    except BodyError as exc:
+                        last_status, last_reason = 200, str(exc)
+                    except requests.RequestException as exc:  # invalid URL, too many redirects
                         raise ArchiveError(
-                            f"{method} refused with HTTP {result.status}"
-                            + _hint_for(result.status)
-                            + (f"; the archive said: {said}" if said else ""),
+                            f"{method} failed: {exc}",
                             url=shown,
-                            status=result.status,
                             attempts=n,
                             elapsed_s=time.monotonic() - t0,
-                        )
-                    last_reason = f"HTTP {result.status}"
-                    retry_after = parse_retry_after(result.headers.get("Retry-After"))
-            elapsed = time.monotonic() - t0
-            if n > p.max_retries:
-                break
-            delay = self.backoff_s(n, retry_after)
-            if elapsed + delay > p.total_timeout_s:
-                last_reason += f"; next retry would exceed total_timeout_s={p.total_timeout_s}"
-                break
-            log.info("retry %d/%d of %s in %.2fs (%s)", n, p.max_retries, shown, delay, last_reason)
-            time.sleep(delay)
-        raise ArchiveError(
-            f"{method} failed after retries: {last_reason}",
-            url=shown,
-            status=last_status,
-            attempts=n,
-            elapsed_s=time.monotonic() - t0,
-        )
+                        ) from exc
+                    else:
+                        if result.status == 200:
+                            down = False
+                            self.stats.add(bytes=len(result.content))
+                            return HttpResponse(
+                                result.url,
+                                200,
+                                result.headers,
+                                result.content,
+                                attempts=n,
+                                elapsed_s=time.monotonic() - t0,
+                            )
+                        last_status = result.status
+                        if not is_retryable_status(result.status):
+                            down = False  # the host answered
+                            said = result.text.strip().replace("\n", " ")[:200]
+                            raise ArchiveError(
+                                f"{method} refused with HTTP {result.status}"
+                                + _hint_for(result.status)
+                                + (f"; the archive said: {said}" if said else ""),
+                                url=shown,
+                                status=result.status,
+                                attempts=n,
+                                elapsed_s=time.monotonic() - t0,
+                            )
+                        last_reason = f"HTTP {result.status}"
+                        retry_after = parse_retry_after(result.headers.get("Retry-After"))
+                elapsed = time.monotonic() - t0
+                if n > p.max_retries:
+                    break
+                delay = self.backoff_s(n, retry_after)
+                if elapsed + delay > p.total_timeout_s:
+                    last_reason += f"; next retry would exceed total_timeout_s={p.total_timeout_s}"
+                    break
+                log.info(
+                    "retry %d/%d of %s in %.2fs (%s)", n, p.max_retries, shown, delay, last_reason
+                )
+                time.sleep(delay)
+            # retries used up: a 5xx or no answer at all counts towards "appears down"
+            down = last_status is None or last_status >= 500
+            raise ArchiveError(
+                f"{method} failed after retries: {last_reason}",
+                url=shown,
+                status=last_status,
+                attempts=n,
+                elapsed_s=time.monotonic() - t0,
+            )
+        finally:
+            breaker.settle(down, last_reason)
 
     # -- logging ------------------------------------------------------------------------
     def _log_response(self, method: str, shown: str, resp: requests.Response, size: int) -> None:

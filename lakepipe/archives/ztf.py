@@ -312,6 +312,7 @@ class ZtfArchive(Archive):
             "cache_hits": st.cache_hits,
             "downloads_resumed": st.downloads_resumed,
             "rate_wait_s": round(st.rate_wait_s, 3),
+            "failed_fast": st.failed_fast,  # not sent: the host appeared down
             "query_rows": self._query_rows,
         }
 

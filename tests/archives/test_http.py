@@ -620,3 +620,71 @@ def test_downloaded_bytes_are_counted(server, session, tmp_path) -> None:
     # truth: half of BIG on the dropped attempt, the other half on the Range resume
     assert client.stats.bytes == len(BIG) and client.stats.downloads_resumed == 1
     assert (tmp_path / "big.bin").read_bytes() == BIG
+
+
+# -- circuit breaker: a down host fails fast ------------------------------------------------
+
+
+def _outcomes(client: HttpClient, url: str, n: int) -> list[str]:
+    """For ``n`` GETs: "ok", "failed" (retries used up) or "fast" (not sent: host down)."""
+    out = []
+    for _ in range(n):
+        try:
+            client.get(url, cache=False)
+            out.append("ok")
+        except ArchiveError as exc:
+            out.append("fast" if "appears down" in str(exc) else "failed")
+    return out
+
+
+def test_breaker_fails_fast_on_a_down_host_then_lets_a_trial_through(server, session) -> None:
+    url, state = server
+    state.fail_next = 10_000  # the archive answers 503 to everything
+    client = HttpClient(
+        fast(max_retries=1, breaker_after=2, breaker_cooldown_s=0.5), session=session
+    )
+    # truth: two requests use up their 2 attempts each; the other 8 are never sent
+    assert _outcomes(client, url + "/echo", 10) == ["failed"] * 2 + ["fast"] * 8
+    assert len(state.log) == 4 and client.stats.failed_fast == 8
+    with pytest.raises(ArchiveError) as err:
+        client.get(url + "/echo", {"q": 1})
+    msg = str(err.value)
+    assert f"the archive at 127.0.0.1:{url.rsplit(':', 1)[1]} appears down" in msg
+    assert "2 consecutive requests failed after all their retries" in msg
+    assert "HTTP 503" in msg and " UTC, " in msg and f"url={url}/echo?q=1" in msg
+    assert "Rerun later: committed partitions are kept" in msg
+    assert err.value.attempts == 0 and err.value.status is None  # nothing was sent
+    # cool-down over, archive still down: one trial (2 attempts) fails and reopens
+    time.sleep(0.55)
+    assert _outcomes(client, url + "/echo", 3) == ["failed", "fast", "fast"]
+    assert len(state.log) == 6
+    # the archive comes back: after the cool-down the trial succeeds and closes it
+    state.fail_next = 0
+    time.sleep(0.55)
+    assert _outcomes(client, url + "/echo", 3) == ["ok"] * 3
+    assert len(state.log) == 9
+
+
+def test_breaker_counts_only_consecutive_down_failures(server, session) -> None:
+    url, state = server
+    client = HttpClient(fast(max_retries=0, breaker_after=2), session=session)
+    for _ in range(3):  # a 503 failure, then a 404 (the host answered) resets the count
+        state.fail_next = 1
+        assert _outcomes(client, url + "/echo", 1) == ["failed"]
+        assert _outcomes(client, url + "/missing", 1) == ["failed"]
+    state.fail_next, state.fail_status = 10, 429  # busy, not down: never opens
+    assert _outcomes(client, url + "/echo", 4) == ["failed"] * 4
+    assert len(state.log) == 10 and client.stats.failed_fast == 0
+
+
+def test_breaker_counts_connection_errors_and_can_be_disabled(session) -> None:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = srv.server_address[1]
+    srv.server_close()  # nothing listens there any more
+    url = f"http://127.0.0.1:{port}/x"
+    on = HttpClient(fast(max_retries=0, breaker_after=3), session=session)
+    assert _outcomes(on, url, 5) == ["failed"] * 3 + ["fast"] * 2
+    assert on.stats.requests == 3
+    off = HttpClient(fast(max_retries=0, breaker_after=0), session=session)
+    assert _outcomes(off, url, 5) == ["failed"] * 5
+    assert off.stats.requests == 5

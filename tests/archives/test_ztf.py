@@ -7,6 +7,7 @@ and the same pixels as asking the survey directly.
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -210,6 +211,48 @@ def test_archive_down_is_a_clear_error(survey) -> None:
     assert "/ibe/search/ztf/products/sci?" in str(err.value)
 
 
+def test_down_archive_fails_fast_then_recovers(survey, tmp_path) -> None:
+    """A dead archive costs ``breaker_after`` requests' retries, not every cutout's: the
+    circuit breaker fails the rest at once, and lets requests through again once the
+    archive is back and the cool-down has passed."""
+    rows = survey.exposures(ExposureQuery()).to_pylist()
+    cool_s, after, retries = 0.5, 3, 2
+    with ArchiveEmulator(survey, faults=Faults(retry_after_s=0)) as e:
+        ztf = archive(
+            e.url, tmp_path, max_retries=retries, breaker_after=after, breaker_cooldown_s=cool_s
+        )
+        ztf.remember(ztf.exposures(ExposureQuery()))  # image URLs known: no search needed
+        before = len(e.log)
+        e.faults.down = True
+        errors = []
+        for r in rows:  # 8 exposures x 5 positions: 40 cutouts against a dead archive
+            for k in range(5):
+                with pytest.raises(ArchiveError) as err:
+                    ztf.cutout(r["exposure_id"], r["ra"] + 0.001 * k, r["dec"], 20.0)
+                errors.append(str(err.value))
+        assert len(errors) == 5 * len(rows) == 40
+        # truth from the emulator's log: only the first `after` cutouts reached it, each
+        # with all its attempts; the other 37 were never sent
+        sent = e.log[before:]
+        assert len(sent) == after * (retries + 1) and {x.status for x in sent} == {503}
+        assert all("HTTP 503" in m and "appears down" not in m for m in errors[:after])
+        assert all("appears down" in m for m in errors[after:])
+        assert "/ibe/data/ztf/products/sci/" in errors[-1] and "Rerun later" in errors[-1]
+        assert ztf.stats()["failed_fast"] == 40 - after
+        # the archive is back: within the cool-down requests still fail at once, after it
+        # one trial goes through, succeeds, and every request is served again
+        e.faults.down = False
+        r = rows[0]
+        with pytest.raises(ArchiveError, match="appears down"):
+            ztf.cutout(r["exposure_id"], r["ra"], r["dec"], 20.0)
+        time.sleep(cool_s)
+        for r in rows[:3]:
+            _, data, status = ztf.cutout(r["exposure_id"], r["ra"], r["dec"], 20.0)
+            _, want, want_status = survey.cutout(r["exposure_id"], r["ra"], r["dec"], 20.0)
+            assert status == want_status and np.array_equal(data, want)
+        assert len(e.log) == before + len(sent) + 3
+
+
 def test_killed_download_resumes_by_range(survey, tmp_path) -> None:
     eid = survey.exposures(ExposureQuery()).column("exposure_id")[0].as_py()
     with ArchiveEmulator(survey, faults=Faults(seed=1, drop_prob=1.0)) as e:
@@ -355,8 +398,12 @@ def test_pipeline_on_ztf_emulator_matches_sim(tmp_path) -> None:
             .reader()
             .sql(f"select error from _runs where run_id = '{down.run_id}' and status = 'failed'")
         )
-        msg = errors.column("error")[0].as_py()
-        assert "HTTP 503" in msg and "/ibe/data/ztf/products/sci/" in msg
+        msgs = sorted(errors.column("error").to_pylist())
+        assert all("HTTP 503" in m and "/ibe/data/ztf/products/sci/" in m for m in msgs)
+        # the circuit breaker (default breaker_after=3): three cutouts use up their 11
+        # attempts each, every later fetch of the run fails at once without a request
+        assert len(emu.log) - n_requests == 3 * (10 + 1)
+        assert any("appears down" in m for m in msgs)
     assert _tables(ztf_report.lake) == (ztf_exps, ztf_cuts)
 
     sim_exps, sim_cuts = _tables(sim_report.lake)
