@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from lakepipe.archives.base import Archive, archives
 from lakepipe.catalogs import catalog_traffic
 from lakepipe.config import default_workers, resolve_lake
-from lakepipe.errors import ContractError, LakepipeError, StageError, UserError
+from lakepipe.errors import ContractError, LakepipeError, SQLError, StageError, UserError
 from lakepipe.lake import Commit, Lake, LakeReader, Manifest, PartitionEntry, add_healpix, utcnow
 from lakepipe.lake import new_run_id as _new_run_id
 from lakepipe.spec import LoadedSpec, load_spec, stage_class, writers
@@ -186,6 +186,43 @@ def _make_stage(loaded: LoadedSpec, name: str) -> Stage:
     return stage_class(s)(name, s)
 
 
+def _require_archive(loaded: LoadedSpec, name: str, stage: Stage) -> None:
+    if stage.uses_archive and loaded.model.archive is None:
+        raise UserError(
+            f"stage {name!r} (kind {stage.kind!r}) needs an archive; add e.g. "
+            "`archive: {kind: sim, seed: 7}` to the spec"
+        )
+
+
+def _sql_params(node: Any, path: str) -> Iterable[tuple[str, str]]:
+    """``(key.path, sql)`` of every SQL-valued param: fields named ``sql`` or ``*_sql``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{path}.{k}"
+            if isinstance(v, str) and (k == "sql" or k.endswith("_sql")):
+                yield sub, v
+            else:
+                yield from _sql_params(v, sub)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _sql_params(v, f"{path}.{i}")
+
+
+def check_sql_syntax(loaded: LoadedSpec, name: str) -> None:
+    """Parse (not run) every SQL param of stage ``name`` with DuckDB's parser, so a
+    syntax error is bad input before any partition runs (tables are not checked: they
+    may not exist yet)."""
+    import duckdb
+
+    params = loaded.model.stages[name].model_dump(mode="json", exclude={"inputs"})
+    for path, sql in _sql_params(params, f"stages.{name}"):
+        try:
+            duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            msg = str(exc).strip().splitlines()[0]  # "Parser Error: syntax error at or near …"
+            raise SQLError(f"{path}: {msg}; fix the SQL in the spec") from None
+
+
 def make_context(
     lake: Lake,
     loaded: LoadedSpec,
@@ -196,19 +233,21 @@ def make_context(
     reader: LakeReader | None = None,
 ) -> StageContext:
     stage = _make_stage(loaded, name)  # uses_archive may depend on the params
+    _require_archive(loaded, name, stage)
     archive = _archive(spec_json, spec_dir, str(lake.root)) if stage.uses_archive else None
-    if stage.uses_archive and archive is None:
-        raise UserError(
-            f"stage {name!r} (kind {stage.kind!r}) needs an archive; add e.g. "
-            "`archive: {kind: sim, seed: 7}` to the spec"
-        )
     return StageContext(
         stage_name=name,
         lake=reader or LakeReader(lake, manifest),
         files=lake.files,
         archive=archive,
         spec_dir=Path(spec_dir),
+        archive_type=_archive_type(loaded),
     )
+
+
+def _archive_type(loaded: LoadedSpec) -> type[Archive] | None:
+    a = loaded.model.archive
+    return archives.get(a.kind) if a is not None else None
 
 
 def _normalise_output(stage: Stage, out: Any) -> dict[str, pa.Table]:
@@ -631,26 +670,32 @@ def preflight(
     manifest = lake.manifest()
     for name in names:
         stage = _make_stage(loaded, name)
+        check_sql_syntax(loaded, name)
         stage.preflight(make_context(lake, loaded, name, spec_json, spec_dir, manifest))
 
 
 def preflight_spec(loaded: LoadedSpec, lake: str | Path | None = None) -> None:
     """``lakepipe validate``'s input check: every stage's preflight, cheaply.
 
-    Stages see the lake as committed (empty if it does not exist yet) and no archive, so
-    only what they can check without one (files, SQL syntax) is checked.
+    Stages see the lake as committed (empty if it does not exist yet) and no archive
+    (only its class), so only what they can check without one (files, SQL syntax, filter
+    codes) is checked; as in a run, a stage that needs an archive must have one.
     """
     lake_obj = Lake(resolve_lake(lake, loaded.model))
     manifest = lake_obj.manifest()
     for name in loaded.stage_order():
+        stage = _make_stage(loaded, name)
+        _require_archive(loaded, name, stage)
+        check_sql_syntax(loaded, name)
         ctx = StageContext(
             stage_name=name,
             lake=LakeReader(lake_obj, manifest),
             files=lake_obj.files,
             archive=None,
             spec_dir=loaded.spec_dir.resolve(),
+            archive_type=_archive_type(loaded),
         )
-        _make_stage(loaded, name).preflight(ctx)
+        stage.preflight(ctx)
 
 
 class _RunLog:

@@ -590,6 +590,58 @@ BAD_INPUTS = [
         r"--set stages.nosuch.x=1: stages.nosuch: missing 'kind'",
     ),
     (
+        "validate-no-archive",  # run rejects it (exit 2), so validate must too
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(t, "name: x\nstages:\n  exposures: {kind: exposures}\n"),
+        ],
+        2,
+        r"stage 'exposures' \(kind 'exposures'\) needs an archive; add e.g. `archive:",
+    ),
+    (
+        "validate-unknown-filter",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                "name: x\narchive: {kind: sim}\nstages:\n"
+                "  exposures: {kind: exposures, where: {filters: [zg, zq]}}\n",
+            ),
+        ],
+        2,
+        r"stages.exposures.where.filters: unknown filter 'zq' for archive 'sim'.*"
+        r"Known filters: zg, zr, zi",
+    ),
+    (
+        "validate-targets-sql-syntax",
+        lambda t, lk: [
+            "validate",
+            _bad_yaml(
+                t,
+                "name: x\narchive: {kind: sim}\nstages:\n  exposures: {kind: exposures}\n"
+                "  c: {kind: cutouts, inputs: [exposures], targets_sql: 'selct 1'}\n",
+            ),
+        ],
+        2,
+        r'stages.c.targets_sql: Parser Error: syntax error at or near "selct"; fix the SQL',
+    ),
+    (
+        "run-forced-sql-syntax",
+        lambda t, lk: [
+            "run",
+            _bad_yaml(
+                t,
+                "name: x\narchive: {kind: sim}\nstages:\n  exposures: {kind: exposures}\n"
+                "  cutouts: {kind: cutouts, inputs: [exposures]}\n"
+                "  s: {kind: sources, inputs: [cutouts], forced: {sql: 'select ra dec frm t'}}\n",
+            ),
+            "--lake",
+            lk,
+        ],
+        2,
+        r'lakepipe: error: stages.s.forced.sql: Parser Error: syntax error at or near "frm"',
+    ),
+    (
         "workers-zero",
         lambda t, lk: ["run", _bad_yaml(t, GOOD_STAGES), "--lake", lk, "--workers", "0"],
         2,

@@ -85,7 +85,11 @@ class Partition:
 
 @dataclass
 class StageContext:
-    """What a stage may use: lake reads, the archive, the file store, paths, a logger."""
+    """What a stage may use: lake reads, the archive, the file store, paths, a logger.
+
+    ``archive_type`` is the class of the spec's archive even where no archive is built
+    (``lakepipe validate``), so a preflight can check e.g. its ``known_filters``.
+    """
 
     stage_name: str
     lake: LakeReader
@@ -93,6 +97,7 @@ class StageContext:
     archive: Archive | None = None
     spec_dir: Path = field(default_factory=Path.cwd)
     log: logging.Logger = log
+    archive_type: type[Archive] | None = None
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the spec, relative to the spec file's folder."""
@@ -127,8 +132,11 @@ class Stage:
         The runner calls it for every stage of a run (dry runs too) before any partition
         executes, so a bad input stops the run with exit 2 and the lake untouched instead
         of failing every partition. ``lakepipe validate`` calls it as well, with the
-        spec's lake as committed (possibly empty) and ``ctx.archive`` None: check files
-        and syntax here, not upstream rows or the archive. The default does nothing.
+        spec's lake as committed (possibly empty), ``ctx.archive`` None and
+        ``ctx.archive_type`` set: check files and syntax here, not upstream rows or the
+        archive's data. The runner itself checks, before this, that stages which use an
+        archive have one and that every SQL param (a field named ``sql`` or ``*_sql``)
+        parses. The default does nothing.
         """
         return None
 

@@ -70,6 +70,11 @@ class ExposuresStage(Stage):
             default_factory=ExposureQuery, description="Which exposures to select"
         )
 
+    def preflight(self, ctx: StageContext) -> None:
+        """Unknown filter codes, checked against the archive's kind (no archive built,
+        so ``lakepipe validate`` catches them too)."""
+        self._check_filters(ctx.archive or ctx.archive_type)
+
     def partitions(self, ctx: StageContext) -> list[Partition]:
         """One partition per night with selected exposures; nothing is read from the lake."""
         archive = _archive(ctx, self.name)
@@ -88,8 +93,8 @@ class ExposuresStage(Stage):
         return [Partition.of(reads={}, night=n) for n in nights]
 
     def _check_filters(self, archive: Any) -> None:
-        """Unknown filter codes are errors where the archive lists its filters
-        (``known_filters``: the sim's zg, zr, zi); otherwise they select nothing."""
+        """Unknown filter codes are errors where the archive (or its class) lists its
+        filters (``known_filters``: the sim's zg, zr, zi); otherwise they select nothing."""
         known = list(getattr(archive, "known_filters", None) or [])
         if not known or not self.params.where.filters:
             return
