@@ -89,16 +89,7 @@ class CdsClient:
     def stats(self) -> dict[str, float]:
         """Cumulative counters, as :meth:`lakepipe.archives.base.Archive.stats` has them:
         HTTP traffic plus rows returned by queries."""
-        st = self.http.stats
-        return {
-            "requests": st.requests,
-            "retries": st.retries,
-            "bytes": st.bytes,
-            "cache_hits": st.cache_hits,
-            "rate_wait_s": round(st.rate_wait_s, 3),
-            "failed_fast": st.failed_fast,  # not sent: the host appeared down
-            "query_rows": self.query_rows,
-        }
+        return {**self.http.stats.counters(), "query_rows": self.query_rows}
 
     # -- VizieR ---------------------------------------------------------------------------
     def cone_params(self, ra: float, dec: float, radius_arcsec: float) -> dict[str, str]:

@@ -169,6 +169,20 @@ class HttpStats:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def counters(self) -> dict[str, float]:
+        """The counters as a dict, as archives report them in ``_runs.archive_stats``
+        (``failed_fast``: requests not sent because their host appeared down)."""
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "retries": self.retries,
+                "bytes": self.bytes,
+                "cache_hits": self.cache_hits,
+                "downloads_resumed": self.downloads_resumed,
+                "rate_wait_s": round(self.rate_wait_s, 3),
+                "failed_fast": self.failed_fast,
+            }
+
 
 class BodyError(Exception):
     """A body failed a check (length, format); the attempt is retried."""

@@ -304,17 +304,7 @@ class ZtfArchive(Archive):
 
     def stats(self) -> dict[str, float]:
         """HTTP counters of this client plus rows returned by metadata searches."""
-        st = self.http.stats
-        return {
-            "requests": st.requests,
-            "retries": st.retries,
-            "bytes": st.bytes,
-            "cache_hits": st.cache_hits,
-            "downloads_resumed": st.downloads_resumed,
-            "rate_wait_s": round(st.rate_wait_s, 3),
-            "failed_fast": st.failed_fast,  # not sent: the host appeared down
-            "query_rows": self._query_rows,
-        }
+        return {**self.http.stats.counters(), "query_rows": self._query_rows}
 
     def use_lake(self, root: Path) -> None:
         """Cache responses and downloads under ``<lake>/_cache/http`` unless a cache is
