@@ -138,6 +138,31 @@ def test_debug_shows_traceback_and_keeps_the_exit_code(cli, tmp_path):
     assert re.search(r"lakepipe: error: spec file .*missing.yaml not found", r.stderr)
 
 
+def test_only_and_force_take_comma_separated_stages(built, cli):
+    spec, _ = built
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--only", "numbers,sums", "--force", "sums")
+    lines = r.stdout.splitlines()
+    assert "numbers,bucket=00,skip,unchanged" in lines and "sums,bucket=00,run,forced" in lines
+    r = cli("run", spec, "--dry-run", "-f", "csv", "--only", "sums", "--force", "numbers, sums")
+    assert r.stdout.count(",run,forced") == 4 and "numbers," not in r.stdout
+    r = cli("run", spec, "--dry-run", "--only", "numbers,sum")
+    assert r.exit_code == 2 and "unknown stage(s) sum; stages in toy: numbers, sums" in r.stderr
+
+
+def test_debug_after_the_command_and_schema_with_a_lake(built, cli, tmp_path):
+    _, lake = built
+    r = cli("run", tmp_path / "missing.yaml", "--debug")
+    assert r.exit_code == 2 and "Traceback (most recent call last)" in r.stderr
+    r = cli("lake", "schema", "toy_sums", "--lake", lake, "-f", "csv")
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == "column,type,unit,key,description"
+    r = cli("lake", "schema", "exposures", "-p", "demo", "-f", "csv")  # no lake needed
+    assert r.exit_code == 0 and "ra,double,deg," in r.stdout
+    r = cli("lake", "schema", "exposures", "-p", "dmeo")
+    assert r.exit_code == 2 and "no pipeline named 'dmeo'" in r.stderr
+    r = cli("validate", "--help")
+    assert "Example: lakepipe validate demo" in r.stdout
+
+
 def test_set_values_are_typed_like_file_values(cli, tmp_path):
     # Truth: a date given with --set resolves exactly like the same date in the file.
     from lakepipe.spec import find_spec, load_spec

@@ -39,7 +39,11 @@ def _root(
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
-    """A bare ``--force`` (no stage after it) means every stage: ``--force-all``."""
+    """A bare ``--force`` (no stage after it) means every stage: ``--force-all``;
+    ``--debug`` may come after the command too (``lakepipe run demo --debug``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" in argv[1:end]:
+        argv = ["--debug", *(a for i, a in enumerate(argv) if a != "--debug" or i >= end)]
     out = []
     for i, arg in enumerate(argv):
         nxt = argv[i + 1] if i + 1 < len(argv) else None

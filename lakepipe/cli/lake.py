@@ -54,11 +54,21 @@ def tables(
 
 @lake_app.command("schema")
 @handle_errors
-def schema(table: str = typer.Argument(..., help="Table name"), fmt: str = FMT_OPT) -> None:
+def schema(
+    table: str = typer.Argument(..., help="Table name"),
+    lake: str | None = LAKE_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+    fmt: str = FMT_OPT,
+) -> None:
     """Show a table's contract: columns, types, units, descriptions.
 
-    Example: lakepipe lake schema exposures
+    Contracts do not depend on the lake (it need not exist yet); --lake and --pipeline
+    are accepted like in the other lake commands, and --pipeline checks that pipeline's
+    spec (loading the plug-ins whose contracts it uses).
+
+    Example: lakepipe lake schema exposures -p demo
     """
+    lake_for(lake, pipeline)
     c = get_contract(table)
     rows = [
         {

@@ -55,6 +55,13 @@ class ProgressObserver(RunObserver):
         )
 
 
+def _stage_list(values: list[str] | None) -> list[str] | None:
+    """Stage names from repeated and/or comma-separated options."""
+    if values is None:
+        return None
+    return [name.strip() for v in values for name in v.split(",") if name.strip()]
+
+
 @app.command()
 @handle_errors
 def run(
@@ -63,9 +70,13 @@ def run(
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a spec value: stages.sources.aperture.scale=2.5"
     ),
-    only: list[str] | None = typer.Option(None, "--only", help="Run only these stages"),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="Run only these stages: --only exposures,cutouts (or repeat it)"
+    ),
     force: list[str] | None = typer.Option(
-        None, "--force", help="Re-run STAGE even if unchanged (bare --force: every stage)"
+        None,
+        "--force",
+        help="Re-run these stages even if unchanged: --force a,b (bare --force: every stage)",
     ),
     force_all: bool = typer.Option(False, "--force-all", help="Re-run every stage"),
     dry_run: bool = typer.Option(
@@ -85,8 +96,8 @@ def run(
         spec,
         lake=lake,
         overrides=set_ or (),
-        only=only,
-        force=True if force_all else (force or None),
+        only=_stage_list(only),
+        force=True if force_all else (_stage_list(force) or None),
         dry_run=dry_run,
         workers=workers,
         observer=RunObserver() if dry_run else ProgressObserver(progress),

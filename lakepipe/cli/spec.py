@@ -33,7 +33,7 @@ def validate(
     Also runs each stage's input checks (files it names, SQL syntax) where they need
     no archive and no upstream rows.
 
-    Example: lakepipe validate pipelines/demo.yaml
+    Example: lakepipe validate demo
     """
     from lakepipe.runner import preflight_spec
     from lakepipe.spec import load_spec
