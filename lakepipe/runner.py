@@ -42,7 +42,12 @@ import pyarrow.compute as pc
 
 from lakepipe.archives.base import Archive, archives
 from lakepipe.catalogs import catalog_traffic
-from lakepipe.config import default_workers, resolve_lake
+from lakepipe.config import (
+    configure_logging,
+    current_log_level,
+    default_workers,
+    resolve_lake,
+)
 from lakepipe.errors import ContractError, LakepipeError, SQLError, StageError, UserError
 from lakepipe.lake import Commit, Lake, LakeReader, Manifest, PartitionEntry, add_healpix, utcnow
 from lakepipe.lake import new_run_id as _new_run_id
@@ -149,6 +154,7 @@ class Job:
     reads: dict[str, list[str]] | None
     plan: PartitionPlan
     run_id: str
+    log_level: str | None = None  # the parent's --log-level / --debug, for the worker
 
 
 @dataclass
@@ -301,6 +307,7 @@ def prepare_table(stage_name: str, table_name: str, table: pa.Table, key: str) -
 
 def execute_job(job: Job) -> JobResult:
     """Run one stage partition and write its (uncommitted) files; never raises."""
+    configure_logging(job.log_level)  # a worker process logs like its parent
     started = utcnow()
     t0 = time.perf_counter()
     traffic: dict[str, float] = {}  # this attempt's archive requests, bytes, rows, …
@@ -866,7 +873,11 @@ def _run_stage(
         log(
             _record(run_id, loaded, name, cls, k, "removed", "no longer listed by the stage"),
         )
-    jobs = [Job(str(lake.root), spec_json, spec_dir, name, p.key, p.reads, p, run_id) for p in todo]
+    level = current_log_level()
+    jobs = [
+        Job(str(lake.root), spec_json, spec_dir, name, p.key, p.reads, p, run_id, level)
+        for p in todo
+    ]
     pending_commits: list[Commit] = []
     last_commit = time.perf_counter()
     failed: dict[str, str] = {}

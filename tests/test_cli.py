@@ -667,6 +667,12 @@ BAD_INPUTS = [
         r'lakepipe: error: stages.s.forced.sql: Parser Error: syntax error at or near "frm"',
     ),
     (
+        "log-level-unknown",
+        lambda t, lk: ["lake", "tables", "--lake", lk, "--log-level", "loud"],
+        2,
+        r"log level 'loud' is not one of debug, info, warning, error",
+    ),
+    (
         "workers-zero",
         lambda t, lk: ["run", _bad_yaml(t, GOOD_STAGES), "--lake", lk, "--workers", "0"],
         2,
@@ -732,3 +738,72 @@ def test_archive_down_names_the_failure_and_keeps_the_lake(cli, tmp_path):
     assert f"127.0.0.1:{port}" in r.stderr
     r = cli("runs", "--lake", tmp_path / "lake", "-f", "csv")
     assert r.exit_code == 0 and "failed" in r.stdout
+
+
+def test_debug_logs_http_request_ids_from_workers_too(emu, tmp_path):
+    # Truth: the HTTP layer logs each response (request id, bytes, Server-Timing) at
+    # DEBUG; the emulator sends X-Request-Id "emu-…" and Server-Timing "app;dur=…". With
+    # --log-level debug those lines reach stderr from the parent (the search) and from
+    # the forkserver workers (the cutout downloads); without it, none do.
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "ztf.yaml"
+    spec.write_text(
+        "name: ztf\n"
+        f"archive: {{kind: ztf, base_url: '{emu.url}', http: {{rate_limit_per_s: 500,"
+        " netrc: false, backoff_base_s: 0.01}}\n"
+        "stages:\n"
+        "  exposures: {kind: exposures, where: {ra: 150.0, dec: 2.2, radius_deg: 0.1}}\n"
+        "  cutouts: {kind: cutouts, inputs: [exposures], size_arcsec: 40,"
+        " targets: [{id: a, ra: 150.0, dec: 2.2}]}\n"
+    )
+    env = {**os.environ, "LAKEPIPE_PLUGINS": "tests.toy"}
+    env.pop("LAKEPIPE_LOG_LEVEL", None)
+
+    def lakepipe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lakepipe", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+
+    line = re.compile(
+        r"^\S+ \S+ (?P<proc>\S+) lakepipe\.archives\.http DEBUG: GET \S+ -> 200, \d+ bytes, "
+        r"request-id emu-\S+, server-timing app;dur=[\d.]+$",
+        re.M,
+    )
+    r = lakepipe(
+        "run",
+        str(spec),
+        "--lake",
+        str(tmp_path / "a"),
+        "-j",
+        "2",
+        "--no-progress",
+        "-f",
+        "csv",
+        "--log-level",
+        "debug",
+    )
+    assert r.returncode == 0, r.stderr
+    procs = {m["proc"] for m in line.finditer(r.stderr)}
+    assert "MainProcess" in procs, r.stderr
+    assert any(p.startswith("ForkServerProcess") for p in procs), procs
+    assert "/ibe/data/ztf/" in r.stderr  # an image download, done in a worker
+    # logs stay off stdout: it holds the summary only
+    assert r.stdout.splitlines()[0] == "stage,kind,ran,skipped,failed,removed,rows,seconds"
+    assert len(r.stdout.splitlines()) == 3
+    r = lakepipe("run", str(spec), "--lake", str(tmp_path / "b"), "-j", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert not line.search(r.stderr) and "DEBUG" not in r.stderr
+    env["LAKEPIPE_LOG_LEVEL"] = "debug"
+    r = lakepipe("run", str(spec), "--lake", str(tmp_path / "c"), "-j", "1", "--no-progress")
+    assert r.returncode == 0 and line.search(r.stderr), r.stderr
+    del env["LAKEPIPE_LOG_LEVEL"]
+    r = lakepipe("run", str(spec), "--lake", str(tmp_path / "d"), "-j", "1", "--debug")
+    assert r.returncode == 0 and line.search(r.stderr), r.stderr  # --debug after the command

@@ -17,6 +17,8 @@ from lakepipe.cli import run as _run  # noqa: F401
 from lakepipe.cli import sim as _sim  # noqa: F401
 from lakepipe.cli import spec as _spec  # noqa: F401
 from lakepipe.cli.common import STATE, app, silence_stdout
+from lakepipe.config import LOG_LEVEL_ENV, LOG_LEVELS, configure_logging, log_level
+from lakepipe.errors import UserError
 
 __all__ = ["app", "main"]
 
@@ -29,21 +31,49 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors"),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show tracebacks for errors and log at DEBUG to stderr"
+    ),
+    level: str | None = typer.Option(
+        None,
+        "--log-level",
+        help=f"Log the lakepipe logger to stderr at this level ({', '.join(LOG_LEVELS)}; "
+        f"default ${LOG_LEVEL_ENV}, else warnings only)",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version"
     ),
 ) -> None:
     """lakepipe: YAML pipeline specs → partitioned Parquet lake → DuckDB."""
     STATE["debug"] = debug
+    try:
+        configure_logging(log_level(level, debug))
+    except UserError as exc:
+        typer.echo(f"lakepipe: error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
     """A bare ``--force`` (no stage after it) means every stage: ``--force-all``;
-    ``--debug`` may come after the command too (``lakepipe run demo --debug``)."""
+    ``--debug`` and ``--log-level LEVEL`` may come after the command too
+    (``lakepipe run demo --debug``)."""
     end = argv.index("--") if "--" in argv else len(argv)
-    if "--debug" in argv[1:end]:
-        argv = ["--debug", *(a for i, a in enumerate(argv) if a != "--debug" or i >= end)]
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if i < end and arg == "--debug":
+            front.append(arg)
+        elif i < end and arg == "--log-level" and i + 1 < end:
+            front += [arg, argv[i + 1]]
+            i += 1
+        elif i < end and arg.startswith("--log-level="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    argv = front + rest
     out = []
     for i, arg in enumerate(argv):
         nxt = argv[i + 1] if i + 1 < len(argv) else None
