@@ -387,6 +387,18 @@ def execute_job(job: Job) -> JobResult:
 # -- planning -----------------------------------------------------------------------------
 
 
+def stage_code_version(cls: type[Stage]) -> str:
+    """What of the code a partition's fingerprint depends on: the stage kind, its
+    ``version`` (bumped when its results change) and the file schema of the tables it
+    writes (column names and types, partition keys), so that a contract change reruns
+    the stage instead of leaving files that no longer match their contract."""
+    schemas = []
+    for table in cls.writes:
+        c = get_contract(table)
+        schemas.append([table, [[col.name, str(col.type)] for col in c.columns], c.partition_by])
+    return f"{cls.kind}:{cls.version}+{_hash(schemas)[:8]}"
+
+
 BIG_FILE_BYTES = 64 << 20
 
 
@@ -441,7 +453,7 @@ def plan_stage(
     """Fingerprint each partition and decide run or skip, with the reason."""
     s = loaded.model.stages[name]
     cls = stage_class(s)
-    code_version = f"{cls.kind}:{cls.version}"
+    code_version = stage_code_version(cls)
     params_hash = _stage_params_hash(loaded, name, spec_json, spec_dir, lake_root)
     table_writer = writers(loaded.model)
     input_tables = sorted(t for t, w in table_writer.items() if w in s.inputs)
@@ -483,7 +495,9 @@ def plan_stage(
         elif entry.fingerprint == fingerprint:
             action, reason = "skip", "unchanged"
         elif entry.code_version != code_version:
-            action, reason = "run", f"code changed ({entry.code_version} -> {code_version})"
+            old_kind = entry.code_version.split("+")[0]
+            what = "table contract" if old_kind == code_version.split("+")[0] else "code"
+            action, reason = "run", f"{what} changed ({entry.code_version} -> {code_version})"
         elif entry.params_hash != params_hash:
             action, reason = "run", "params changed"
         else:

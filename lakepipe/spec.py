@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lakepipe.archives.base import archives
-from lakepipe.errors import InputNotFoundError, SpecError
+from lakepipe.errors import InputNotFoundError, SpecError, UserError
 from lakepipe.registry import did_you_mean
 from lakepipe.resources import pipelines_dir
 from lakepipe.stages.base import Stage, stages
@@ -236,6 +236,21 @@ def _collect_lines(
             _collect_lines(v, key, out, duplicates, label)
 
 
+def parse_option_value(
+    item: str, value: str, *, flag: str, example: str, error: type[UserError] = UserError
+) -> Any:
+    """A command-line ``KEY=VALUE``'s value as YAML (``5`` → 5, ``[a, b]`` → a list);
+    invalid YAML is a user error naming the option and showing ``example``."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(
+            f"{flag} {item!r}: the value is not valid YAML ({problem}); quote it or "
+            f"complete it, e.g. {example}"
+        ) from None
+
+
 def _apply_overrides(raw: dict[str, Any], overrides: Any, label: str) -> dict[str, Any]:
     raw = json.loads(json.dumps(raw, default=str))
     for item in overrides:
@@ -252,14 +267,17 @@ def _apply_overrides(raw: dict[str, Any], overrides: Any, label: str) -> dict[st
             if not isinstance(nxt, dict):
                 raise SpecError(f"--set {item!r}: {part!r} is not a mapping in {label}")
             node = nxt
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise SpecError(
-                f"--set {item!r}: the value is not valid YAML ({problem}); quote it or "
-                "complete it, e.g. --set 'stages.exposures.where.filters=[zg, zr]'"
-            ) from None
+        parsed = (
+            parse_option_value(
+                item,
+                value,
+                flag="--set",
+                example="--set 'stages.exposures.where.filters=[zg, zr]'",
+                error=SpecError,
+            )
+            if value.strip()
+            else ""
+        )
         # the same treatment as values read from the file (dates become ISO strings)
         node[parts[-1]] = json.loads(json.dumps(parsed, default=str))
     return raw

@@ -367,3 +367,31 @@ def test_lake_resolution_order(toy_spec, tmp_path, monkeypatch, cli):
     monkeypatch.delenv("LAKEPIPE_LAKE")
     r = cli("lake", "partitions", "toy_sums", "-f", "csv")
     assert r.exit_code == 2 and f"lake {tmp_path / 'lake'} does not exist" in r.stderr
+
+
+def test_a_contract_change_reruns_the_stage_that_writes_the_table(toy_spec, monkeypatch):
+    # truth: the committed toy_sums files follow the old contract; a new column in the
+    # contract changes the writer's code version, so the dry run plans sums (and only
+    # sums) with the reason, instead of skipping into files that no longer match
+    import dataclasses
+
+    import pyarrow as pa
+
+    from lakepipe import tables
+    from lakepipe.runner import stage_code_version
+    from lakepipe.stages.base import stages
+
+    spec = toy_spec()
+    run_pipeline(spec, workers=1)
+    sums = stages.get("toy_sums")
+    before = stage_code_version(sums)
+    old = tables.get_contract("toy_sums")
+    extra = tables.Column(name="extra", type=pa.float64(), description="new", unit=None)
+    changed = dataclasses.replace(old, columns=(*old.columns, extra))
+    monkeypatch.setitem(tables._REGISTERED, "toy_sums", changed)
+    assert stage_code_version(sums) != before
+    r = run_pipeline(spec, workers=1, dry_run=True)
+    by = {s.name: s for s in r.stages}
+    assert {p.action for p in by["numbers"].plans} == {"skip"}
+    reasons = {p.reason.split(" (")[0] for p in by["sums"].plans}
+    assert reasons == {"table contract changed"}

@@ -18,6 +18,7 @@ from lakepipe.config import resolve_lake
 from lakepipe.errors import InputNotFoundError, LakepipeError, UnknownKindError, UserError
 from lakepipe.export import ExportMeta, format_for_path, formats
 from lakepipe.lake import Lake
+from lakepipe.spec import parse_option_value
 
 app = typer.Typer(
     name="lakepipe",
@@ -133,19 +134,11 @@ def silence_stdout() -> None:
 
 
 def parse_options(opts: list[str] | None) -> dict[str, Any]:
-    import yaml
 
     out: dict[str, Any] = {}
     for item in opts or []:
         if "=" not in item:
             raise UserError(f"--opt {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UserError(
-                f"--opt {item!r}: the value is not valid YAML ({problem}); quote it or "
-                "complete it, e.g. --opt 'KEY=[1, 2]'"
-            ) from None
+        out[k.strip()] = parse_option_value(item, v, flag="--opt", example="--opt 'KEY=[1, 2]'")
     return out
