@@ -513,11 +513,13 @@ def bad_columns(
         return np.zeros(0, int)
     rows = slice(None, None, max(1, ny // sample_rows))
     sample = np.array(data_sub[rows], dtype=np.float32)
-    if mask is not None:
+    if mask is None or not mask[rows].any():
+        med = np.median(sample, axis=0)  # (nanmedian is several times slower)
+    else:
         sample[np.asarray(mask[rows], bool)] = np.nan
-    with warnings.catch_warnings():  # a fully masked column has no median: not bad
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(sample, axis=0)
+        with warnings.catch_warnings():  # a fully masked column has no median: not bad
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(sample, axis=0)
     return np.flatnonzero(np.abs(np.nan_to_num(med)) > nsigma * rms)
 
 
@@ -793,29 +795,40 @@ def fill_masked(data_sub: np.ndarray, mask: np.ndarray, *, max_iter: int = 10) -
     is still unfilled (large masked areas, NaN borders) is set to 0, the background.
     Unlike scaling the aperture sum by its unmasked area, this keeps the flux of a bad
     column crossing a star's core (the column is replaced by its neighbours' mean).
+    The stencil is evaluated at the masked pixels only, so the cost follows their
+    number, not the image size.
     """
     out = np.array(data_sub, copy=True)
-    good = ~np.asarray(mask, bool)
-    out[~good] = 0.0
-    if good.all():
+    bad = np.asarray(mask, bool)
+    ys, xs = np.nonzero(bad)
+    if ys.size == 0:
         return out
-    k = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
-    rows, cols = np.nonzero(~good)
-    pad = max_iter + 2
-    y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, out.shape[0])
-    x0, x1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, out.shape[1])
-    sub = out[y0:y1, x0:x1].astype(float)
-    w = good[y0:y1, x0:x1].astype(float)
+    out[ys, xs] = 0.0
+    ny, nx = out.shape
+    known = ~bad
+    # the kernel [[1, 2, 1], [2, 4, 2], [1, 2, 1]] as (dy, dx, weight)
+    offsets = [(dy, dx, 4 >> (abs(dy) + abs(dx))) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    todo = np.ones(ys.size, bool)
     for _ in range(max_iter):
-        todo = w == 0
         if not todo.any():
             break
-        num = ndimage.convolve(sub * w, k, mode="constant")
-        den = ndimage.convolve(w, k, mode="constant")
-        fill = todo & (den > 0)
-        sub[fill] = num[fill] / den[fill]
-        w[fill] = 1.0
-    out[y0:y1, x0:x1] = sub
+        py, px = ys[todo], xs[todo]
+        num = np.zeros(py.size)
+        den = np.zeros(py.size)
+        for dy, dx, w in offsets:
+            qy, qx = py + dy, px + dx
+            inside = (qy >= 0) & (qy < ny) & (qx >= 0) & (qx < nx)
+            qy, qx = np.clip(qy, 0, ny - 1), np.clip(qx, 0, nx - 1)
+            k = known[qy, qx] & inside
+            num += w * np.where(k, out[qy, qx], 0.0)
+            den += w * k
+        fill = den > 0
+        if not fill.any():
+            break
+        out[py[fill], px[fill]] = num[fill] / den[fill]  # all from the previous step's values
+        known[py[fill], px[fill]] = True
+        idx = np.flatnonzero(todo)
+        todo[idx[fill]] = False
     return out
 
 
@@ -862,11 +875,11 @@ def aperture_photometry(
     flags[(sflag & sep.APER_TRUNC) != 0] |= FLAG_NEAR_EDGE
     area_ap = math.pi * np.asarray(radius_pix, float) ** 2
     if mask is not None and mask.any():
-        nmask, _, _ = sep.sum_circle(mask.astype(np.float32), x, y, radius_pix, subpix=subpix)
+        nmask, _, _ = sep.sum_circle(_u8(mask), x, y, radius_pix, subpix=subpix)
         flags[nmask > 0] |= FLAG_MASKED
         flags[nmask >= 0.999 * area_ap] |= FLAG_ALL_MASKED
     if saturated is not None and saturated.any():
-        nsat, _, _ = sep.sum_circle(saturated.astype(np.float32), x, y, radius_pix, subpix=1)
+        nsat, _, _ = sep.sum_circle(_u8(saturated), x, y, radius_pix, subpix=1)
         flags[nsat > 0] |= FLAG_SATURATED
     local = _sample(bkg_map, x, y) if bkg_map is not None else np.zeros(n)
     if annulus_pix is not None:
@@ -877,7 +890,7 @@ def aperture_photometry(
             skip = annulus_mask if mask is None else (annulus_mask | mask)
         free = np.full(n, area_ann)
         if skip is not None and skip.any():
-            nskip, _, _ = sep.sum_circann(skip.astype(np.float32), x, y, rin, rout, subpix=1)
+            nskip, _, _ = sep.sum_circann(_u8(skip), x, y, rin, rout, subpix=1)
             free = area_ann - np.asarray(nskip, float)
         use = free >= annulus_min_fraction * area_ann
         bmean = np.zeros(n)
@@ -895,6 +908,13 @@ def aperture_photometry(
         local = local + bmean
     flags[~(flux > 0)] |= FLAG_NONPOSITIVE
     return ApertureResult(flux, ferr, flags, local)
+
+
+def _u8(flags: np.ndarray) -> np.ndarray:
+    """A boolean pixel map as uint8 without a copy (sep sums counts of flagged pixels;
+    converting a full frame to float32 for each aperture radius is the slow part)."""
+    flags = np.ascontiguousarray(flags)
+    return flags.view(np.uint8) if flags.dtype == np.bool_ else flags.astype(np.uint8)
 
 
 def _sample(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
