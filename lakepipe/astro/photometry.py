@@ -1114,21 +1114,28 @@ def measure_image(
     bkg = background(data, mask, bp)
     back = bkg.back()
     data_sub = (data - back).astype(data.dtype, copy=False)
+    if mask is not None:
+        data_sub[mask] = 0.0
+    # ``mask``: the image's own bad pixels (an archive mask, NaN borders); detection and
+    # the background ignore them. ``bad``: those plus the dead and hot columns found
+    # here, which are interpolated already for detection (sep's mask costs ~40 % of an
+    # extraction, and a zeroed column would split the stars it crosses); ``bad`` flags
+    # the sources on them and keeps them out of the FWHM stars and blank-sky apertures.
+    bad = mask
     if dp.bad_column_sigma is not None:
         cols = bad_columns(data_sub, mask, bkg.globalrms, dp.bad_column_sigma)
         if len(cols):
-            mask = np.zeros(data.shape, bool) if mask is None else mask.copy()
-            mask[:, cols] = True
-    if mask is not None:
-        data_sub[mask] = 0.0
-    # photometry sees masked pixels interpolated from their neighbours; detection and
-    # the background ignore them through the mask
+            columns = np.zeros(data.shape, bool)
+            columns[:, cols] = True
+            data_sub = fill_masked(data_sub, columns)
+            bad = columns if mask is None else (mask | columns)
+    # photometry sees masked pixels interpolated from their neighbours
     data_phot = fill_masked(data_sub, mask) if mask is not None else data_sub
     saturated = None
     if image.saturate_adu is not None:
         saturated = data >= image.saturate_adu
-        if mask is not None:
-            saturated &= ~mask
+        if bad is not None:
+            saturated &= ~bad
 
     def seeing(objs: np.ndarray) -> tuple[float, int, np.ndarray]:
         return estimate_fwhm(
@@ -1137,7 +1144,7 @@ def measure_image(
             rms=bkg.globalrms,
             saturate_adu=image.saturate_adu,
             data_raw=data,
-            mask=mask,
+            mask=bad,
             params=sp,
         )
 
@@ -1216,7 +1223,7 @@ def measure_image(
             r,
             var=var,
             gain_e_per_adu=image.gain_e_per_adu,
-            mask=mask,
+            mask=bad,
             annulus_pix=annulus,
             annulus_mask=annulus_mask,
             annulus_min_fraction=bp.annulus_min_fraction,
@@ -1235,9 +1242,9 @@ def measure_image(
     growth: dict[int, float] = {}
     if len(star_idx):
         sx, sy = xs[star_idx], ys[star_idx]
-        big = aperture_photometry(data_phot, sx, sy, r_big, var=var, mask=mask)
+        big = aperture_photometry(data_phot, sx, sy, r_big, var=var, mask=bad)
         for k, r in enumerate(radii):
-            small = aperture_photometry(data_phot, sx, sy, r, var=var, mask=mask)
+            small = aperture_photometry(data_phot, sx, sy, r, var=var, mask=bad)
             ok = (big.flux > 0) & (small.flux > 0)
             if ok.any():
                 growth[k] = float(np.median(small.flux[ok] / big.flux[ok]))
@@ -1360,7 +1367,7 @@ def measure_image(
     mag_lim_random = float("nan")
     n_random = 0
     if lp.mode == "random":
-        smask = source_mask_from_segmap(segmap, lp.dilate_fwhm * fwhm_used, extra=mask)
+        smask = source_mask_from_segmap(segmap, lp.dilate_fwhm * fwhm_used, extra=bad)
         if saturated is not None:
             smask |= saturated
         rng = np.random.default_rng([lp.seed, seed])
@@ -1389,7 +1396,7 @@ def measure_image(
         "n_random_apertures": int(n_random),
         "mag_lim_inst": mag_lim_random if lp.mode == "random" else mag_lim_analytic,
         "has_wcs": image.wcs is not None,
-        "masked_fraction": float(mask.mean()) if mask is not None else 0.0,
+        "masked_fraction": float(bad.mean()) if bad is not None else 0.0,
         "note": image.note
         if fwhm_ok
         else "; ".join(filter(None, [image.note, f"no star for FWHM; used {fwhm_used:.2f} px"])),
