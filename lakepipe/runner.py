@@ -390,12 +390,13 @@ def execute_job(job: Job) -> JobResult:
 def stage_code_version(cls: type[Stage]) -> str:
     """What of the code a partition's fingerprint depends on: the stage kind, its
     ``version`` (bumped when its results change) and the file schema of the tables it
-    writes (column names and types, partition keys), so that a contract change reruns
-    the stage instead of leaving files that no longer match their contract."""
+    writes (column names, types and nullability, partition and key columns), so that a
+    contract change reruns the stage instead of leaving files that no longer match."""
     schemas = []
     for table in cls.writes:
         c = get_contract(table)
-        schemas.append([table, [[col.name, str(col.type)] for col in c.columns], c.partition_by])
+        fields = [[f.name, str(f.type), f.nullable] for f in c.file_schema]
+        schemas.append([table, fields, c.partition_by, c.key])
     return f"{cls.kind}:{cls.version}+{_hash(schemas)[:8]}"
 
 

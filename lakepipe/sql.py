@@ -169,7 +169,10 @@ class LakeSQL:
                 f"tables (and files under {self.lake.root}); see `lakepipe lake tables`."
             ) from None
         except duckdb.Error as exc:
-            if not isinstance(exc, duckdb.IOException) and str(self.lake.root) not in str(exc):
+            committed = {
+                self.lake.fs.uri(f) for t in self.manifest.tables for f in self.manifest.files(t)
+            }
+            if not any(path in str(exc) for path in committed):
                 raise self._query_error(sql, exc) from None
             # a committed file vanished or is damaged (not the query's fault)
             raise LakeError(
@@ -182,7 +185,7 @@ class LakeSQL:
     def _query_error(self, sql: str, exc: Exception) -> Exception:
         """The error to raise for a failed query: the lake's fault when it names a table
         whose files could not be read, else the query's."""
-        named = [t for t in self.broken if re.search(rf"\b{re.escape(t)}\b", sql)]
+        named = [t for t in self.broken if re.search(rf"\b{re.escape(t)}\b", sql, re.I)]
         if named:
             t = named[0]
             return LakeError(

@@ -390,6 +390,13 @@ def test_a_contract_change_reruns_the_stage_that_writes_the_table(toy_spec, monk
     changed = dataclasses.replace(old, columns=(*old.columns, extra))
     monkeypatch.setitem(tables._REGISTERED, "toy_sums", changed)
     assert stage_code_version(sums) != before
+    # a column's nullability is part of the file schema too
+    flipped = dataclasses.replace(
+        old, columns=tuple(dataclasses.replace(c, nullable=not c.nullable) for c in old.columns)
+    )
+    monkeypatch.setitem(tables._REGISTERED, "toy_sums", flipped)
+    assert stage_code_version(sums) != before
+    monkeypatch.setitem(tables._REGISTERED, "toy_sums", changed)
     r = run_pipeline(spec, workers=1, dry_run=True)
     by = {s.name: s for s in r.stages}
     assert {p.action for p in by["numbers"].plans} == {"skip"}

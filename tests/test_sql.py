@@ -137,6 +137,11 @@ def test_an_unreadable_table_does_not_take_the_others_down(lake):
         LakeSQL(lake).query("select count(*) from toy_numbers")
     with pytest.raises(SQLError, match="Binder Error"):  # the query's own fault stays so
         LakeSQL(lake).query("select nope from toy_sums")
+    with pytest.raises(LakeError, match="toy_numbers"):  # SQL names are case-insensitive
+        LakeSQL(lake).query("select count(*) from TOY_NUMBERS")
+    # a file the query names itself (not a committed one) is the query's problem
+    with pytest.raises(SQLError, match=r"nope\.parquet"):
+        LakeSQL(lake).query(f"select * from read_parquet('{lake.root}/nope.parquet')")
 
 
 def test_a_truncated_committed_file_is_a_lake_error(lake):

@@ -513,14 +513,19 @@ def bad_columns(
         return np.zeros(0, int)
     rows = slice(None, None, max(1, ny // sample_rows))
     sample = np.array(data_sub[rows], dtype=np.float32)
+    enough = np.ones(sample.shape[1], bool)
     if mask is None or not mask[rows].any():
         med = np.median(sample, axis=0)  # (nanmedian is several times slower)
     else:
-        sample[np.asarray(mask[rows], bool)] = np.nan
+        masked = np.asarray(mask[rows], bool)
+        sample[masked] = np.nan
+        # a column with few unmasked samples (a cutout mostly off the chip) has a median
+        # that one star can set: never call it bad
+        enough = (~masked).sum(axis=0) >= min(min_rows, sample.shape[0])
         with warnings.catch_warnings():  # a fully masked column has no median: not bad
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(sample, axis=0)
-    return np.flatnonzero(np.abs(np.nan_to_num(med)) > nsigma * rms)
+    return np.flatnonzero(enough & (np.abs(np.nan_to_num(med)) > nsigma * rms))
 
 
 # -- seeing ------------------------------------------------------------------------------

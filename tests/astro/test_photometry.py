@@ -342,6 +342,22 @@ def test_dead_and_hot_columns_are_found_and_masked():
         assert len(ph.bad_columns(clean.data - b.back(), None, b.globalrms, 3.0)) == 0
 
 
+def test_a_star_on_a_mostly_masked_cutout_is_not_a_bad_column():
+    # truth: a cutout almost entirely off the chip (masked) keeps 4 rows with a star; a
+    # column median from two samples would call the star a "hot column" and erase it
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:600, :600]
+    data = rng.normal(0, 1, (600, 600)).astype(np.float32)
+    data += 200 * np.exp(-((xx - 300) ** 2 + (yy - 598) ** 2) / (2 * 1.5**2))
+    mask = np.zeros(data.shape, bool)
+    mask[:596] = True
+    data[mask] = 0
+    assert ph.bad_columns(data, mask, 1.0, 3.0).tolist() == []
+    mask[:, 100] = False  # a column with all its rows is still judged
+    data[:, 100] = -50.0
+    assert ph.bad_columns(data, mask, 1.0, 3.0).tolist() == [100]
+
+
 def test_forced_photometry_unbiased_below_detection():
     # truth: 200 faint stars (SNR ~2 in the aperture) at known sky positions
     rng = np.random.default_rng(16)
