@@ -9,11 +9,13 @@ next to an installed lakepipe cannot shadow the shipped pipelines.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
 
 
+@functools.cache
 def _in_checkout() -> bool:
     """Whether the package sits in lakepipe's source checkout."""
     pyproject = _PKG.parent / "pyproject.toml"

@@ -233,14 +233,18 @@ def make_context(
     lake: Lake,
     loaded: LoadedSpec,
     name: str,
-    spec_json: str,
+    spec_json: str | None,
     spec_dir: str,
     manifest: Manifest,
     reader: LakeReader | None = None,
 ) -> StageContext:
+    """What stage ``name`` sees; without ``spec_json`` no archive is built (``validate``
+    checks inputs without contacting one; ``archive_type`` still names its class)."""
     stage = _make_stage(loaded, name)  # uses_archive may depend on the params
     _require_archive(loaded, name, stage)
-    archive = _archive(spec_json, spec_dir, str(lake.root)) if stage.uses_archive else None
+    archive = None
+    if stage.uses_archive and spec_json is not None:
+        archive = _archive(spec_json, spec_dir, str(lake.root))
     return StageContext(
         stage_name=name,
         lake=reader or LakeReader(lake, manifest),
@@ -681,43 +685,33 @@ def run_pipeline(
 
 
 def preflight(
-    lake: Lake, loaded: LoadedSpec, names: Iterable[str], *, spec_json: str, spec_dir: str
+    lake: Lake,
+    loaded: LoadedSpec,
+    names: Iterable[str],
+    *,
+    spec_json: str | None = None,
+    spec_dir: str | None = None,
 ) -> None:
     """Call every stage's :meth:`Stage.preflight` before any partition runs.
 
     A bad input (an unparsable astrometry file, SQL that does not parse) then stops the
     run with its :class:`UserError` (exit 2) and the lake untouched, instead of failing
-    every partition one by one. Stages see the lake as committed before the run.
+    every partition one by one. Stages see the lake as committed before the run; without
+    ``spec_json`` (``lakepipe validate``) they get no archive, only its class, so only
+    what needs none (files, SQL syntax, filter codes) is checked.
     """
     manifest = lake.manifest()
+    folder = spec_dir or str(loaded.spec_dir.resolve())
     for name in names:
-        stage = _make_stage(loaded, name)
         check_sql_syntax(loaded, name)
-        stage.preflight(make_context(lake, loaded, name, spec_json, spec_dir, manifest))
+        ctx = make_context(lake, loaded, name, spec_json, folder, manifest)
+        _make_stage(loaded, name).preflight(ctx)
 
 
 def preflight_spec(loaded: LoadedSpec, lake: str | Path | None = None) -> None:
-    """``lakepipe validate``'s input check: every stage's preflight, cheaply.
-
-    Stages see the lake as committed (empty if it does not exist yet) and no archive
-    (only its class), so only what they can check without one (files, SQL syntax, filter
-    codes) is checked; as in a run, a stage that needs an archive must have one.
-    """
-    lake_obj = Lake(resolve_lake(lake, loaded.model))
-    manifest = lake_obj.manifest()
-    for name in loaded.stage_order():
-        stage = _make_stage(loaded, name)
-        _require_archive(loaded, name, stage)
-        check_sql_syntax(loaded, name)
-        ctx = StageContext(
-            stage_name=name,
-            lake=LakeReader(lake_obj, manifest),
-            files=lake_obj.files,
-            archive=None,
-            spec_dir=loaded.spec_dir.resolve(),
-            archive_type=_archive_type(loaded),
-        )
-        stage.preflight(ctx)
+    """``lakepipe validate``'s input check: :func:`preflight` of every stage against the
+    spec's lake as committed (empty if it does not exist yet), with no archive."""
+    preflight(Lake(resolve_lake(lake, loaded.model)), loaded, loaded.stage_order())
 
 
 class _RunLog:

@@ -134,7 +134,6 @@ def silence_stdout() -> None:
 
 
 def parse_options(opts: list[str] | None) -> dict[str, Any]:
-
     out: dict[str, Any] = {}
     for item in opts or []:
         if "=" not in item:
