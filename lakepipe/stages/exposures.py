@@ -79,7 +79,6 @@ class ExposuresStage(Stage):
         """One partition per night with selected exposures; nothing is read from the lake."""
         archive = _archive(ctx, self.name)
         where = self.params.where
-        self._check_filters(archive)
         nights = archive.nights(where)
         if not nights:
             query = json.dumps(where.model_dump(mode="json", exclude_none=True))

@@ -512,13 +512,7 @@ def test_preflight_missing_file_and_designations(tmp_path: Path) -> None:
 
 def test_run_with_bad_astrometry_exits_2_once(tmp_path: Path, cli) -> None:
     """Through ``lakepipe run``: a bad observatory code exits 2 with file:line, printed once
-    (not once per hash bucket). Needs the runner to call Stage.preflight."""
-    import inspect
-
-    import lakepipe.runner
-
-    if "preflight" not in inspect.getsource(lakepipe.runner):
-        pytest.skip("the runner does not call Stage.preflight yet")
+    (not once per hash bucket): the runner calls Stage.preflight."""
     name, text = BAD_ASTROMETRY[0][:2]
     (tmp_path / name).write_text(text)
     spec = {"name": "badfit", "lake": str(tmp_path / "lake"),
