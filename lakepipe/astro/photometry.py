@@ -453,8 +453,13 @@ def detect(
     params: DetectParams,
     *,
     kernel: np.ndarray | None = DEFAULT_KERNEL,
-) -> tuple[np.ndarray, np.ndarray]:
+    region: tuple[slice, slice] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Extract objects from a background-subtracted image; returns (objects, segmap).
+
+    With ``region`` only that (y, x) slice of the image (and of the mask and rms map) is
+    searched, without a segmentation map (segmap None); the objects' coordinates are
+    then relative to the region's corner.
 
     With a global rms the image is convolved with the kernel normalised to unit sum
     (SExtractor's filtering, sep ``filter_type='conv'``), whose noise is
@@ -475,7 +480,12 @@ def detect(
     else:
         err = bkg.rms()
         filter_type = "matched" if filtered else "conv"
-    return sep.extract(
+    if region is not None:
+        data_sub = np.ascontiguousarray(data_sub[region])
+        mask = None if mask is None else np.ascontiguousarray(mask[region])
+        if isinstance(err, np.ndarray):
+            err = np.ascontiguousarray(err[region])
+    found = sep.extract(
         data_sub,
         thresh,
         err=err,
@@ -487,8 +497,9 @@ def detect(
         deblend_cont=params.deblend_cont,
         clean=params.clean,
         clean_param=params.clean_param,
-        segmentation_map=True,
+        segmentation_map=region is None,
     )
+    return found if region is None else (found, None)
 
 
 def bad_columns(
@@ -546,20 +557,7 @@ def _bright_objects(
         return detect(data_sub, bkg, mask, params, kernel=None)[0]
     y0, x0 = ny // 4, nx // 4
     region = (slice(y0, y0 + ny // 2), slice(x0, x0 + nx // 2))
-    err = bkg.globalrms if params.threshold_rms == "global" else bkg.rms()[region]
-    _ensure_pixstack(data_sub.size)
-    objects = sep.extract(
-        np.ascontiguousarray(data_sub[region]),
-        params.threshold_sigma,
-        err=err,
-        mask=None if mask is None else np.ascontiguousarray(mask[region]),
-        minarea=params.minarea,
-        filter_kernel=None,
-        deblend_nthresh=params.deblend_nthresh,
-        deblend_cont=params.deblend_cont,
-        clean=params.clean,
-        clean_param=params.clean_param,
-    )
+    objects = detect(data_sub, bkg, mask, params, kernel=None, region=region)[0]
     for name in ("x", "xmin", "xmax", "xpeak", "xcpeak"):
         objects[name] += x0
     for name in ("y", "ymin", "ymax", "ypeak", "ycpeak"):
@@ -1215,9 +1213,9 @@ def measure_image(
     annulus_mask = None
     if bp.mode == "local":
         annulus = bp.annulus_pix or (3.0 * fwhm_used, 5.0 * fwhm_used)
-        annulus_mask = _grow(segmap > 0, bp.annulus_mask_fwhm * fwhm_used)
-        if saturated is not None:
-            annulus_mask |= saturated
+        annulus_mask = source_mask_from_segmap(
+            segmap, bp.annulus_mask_fwhm * fwhm_used, extra=saturated
+        )
     pixscale = _pixscale(image)
     radii = aperture_radii_pix(ap, fwhm_used, pixscale)
     results = [

@@ -200,7 +200,12 @@ class SourcesStage(Stage):
                 )
             except LakepipeError:
                 raise
-            except Exception as exc:  # sep raises bare Exception ("invalid aperture ...")
+            except Exception as exc:
+                # Only expected failures become a StageError: a ValueError (e.g. no pixel
+                # scale / WCS) and sep's bare Exception ("invalid aperture ..."). Anything
+                # else is a bug and keeps its traceback.
+                if not (isinstance(exc, ValueError) or type(exc) is Exception):
+                    raise
                 raise StageError(
                     f"stage {self.name!r}: measuring image {image_id} (exposure "
                     f"{exposure_id}) failed: {type(exc).__name__}: {exc}",
