@@ -479,37 +479,29 @@ class FitsDirArchive(Archive):
 
     # -- archive methods ------------------------------------------------------------------
 
-    def _select(self, where: ExposureQuery | None) -> list[dict[str, Any]]:
+    def _select(self, where: ExposureQuery | None) -> pa.Table:
+        """Selected exposures (``exposures`` columns without ``_healpix_29``), in time order.
+
+        The selection is :meth:`ExposureQuery.select`, the one every archive applies;
+        ``no_wcs: pixels`` rows have null corners, so they fall outside every region.
+        """
+        from lakepipe.tables import get_contract
+
         q = where or ExposureQuery()
-        rows = [e.row for e in self._index]
-        if not rows:
-            return []
-        mjd = np.array([r["mjd"] for r in rows])
-        # no_wcs: pixels rows have null corners (NaN: outside every region)
-        rc = np.array([[r[f"ra{k}"] for k in range(1, 5)] for r in rows], dtype=float)
-        dc = np.array([[r[f"dec{k}"] for k in range(1, 5)] for r in rows], dtype=float)
-        ok = q.matches_time(mjd) & q.overlaps(rc, dc)
-        ok &= q.matches_filter(np.array([r["filter"] for r in rows], dtype=object))
-        if q.field_ids is not None:
-            ok &= np.array([r["field"] in q.field_ids for r in rows])
-        picked = sorted(
-            (r for r, keep in zip(rows, ok, strict=True) if keep),
-            key=lambda r: (r["mjd"], r["exposure_id"]),
-        )
-        return picked[: q.max_rows] if q.max_rows else picked
+        contract = get_contract("exposures")
+        schema = pa.schema([f for f in contract.schema if f.name != "_healpix_29"])
+        rows = sorted((e.row for e in self._index), key=lambda r: (r["mjd"], r["exposure_id"]))
+        table = pa.Table.from_pylist(rows, schema=schema)
+        picked = table.filter(pa.array(q.select(table), type=pa.bool_()))
+        return picked.slice(0, q.max_rows) if q.max_rows else picked
 
     def exposures(self, where: ExposureQuery | None = None) -> pa.Table:
         """Selected exposures as rows of ``exposures`` (without ``_healpix_29``)."""
-        from lakepipe.tables import get_contract
-
-        contract = get_contract("exposures")
-        schema = pa.schema([f for f in contract.schema if f.name != "_healpix_29"])
-        rows = self._select(where)
-        return pa.Table.from_pylist(rows, schema=schema)
+        return self._select(where)
 
     def nights(self, where: ExposureQuery | None = None) -> list[str]:
         """Sorted nights with at least one selected exposure."""
-        return sorted({r["night"] for r in self._select(where)})
+        return sorted(set(self._select(where).column("night").to_pylist()))
 
     def image(self, exposure_id: int) -> tuple[fits.Header, np.ndarray]:
         """The exposure's merged header and pixel data (BSCALE/BZERO applied, float).

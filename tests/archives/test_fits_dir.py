@@ -335,3 +335,32 @@ def test_mask_extensions_are_masks_not_exposures(tmp_path):
     assert archive(d, mask_hdu="none").mask(by_ext["[1]"]) is None
     with pytest.raises(ParseError, match=r"no HDU named 'nope'.*SCI, SCI, DQ"):
         archive(d, mask_hdu="nope").exposures()
+
+
+def test_ccd_and_quadrant_ids_and_pixel_only_rows_select_like_every_archive(tmp_path):
+    # truth: CCDID/QID written per file; ExposureQuery.select keeps exactly the asked chip,
+    # and a no-WCS row (null corners) is outside every region but inside without one
+    d = tmp_path / "chips"
+    d.mkdir()
+    chips = {"a": (3, 1), "b": (3, 2), "c": (5, 1)}
+    for name, (ccd, qid) in chips.items():
+        extra = {"CCDID": ccd, "QID": qid}
+        write_mef(d / f"{name}.fits", [ImageSpec(150.0, 2.2)], extra_primary=extra)
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((20, 30), np.float32))])
+    hdul[0].header.update({"DATE-OBS": "2025-01-03T05:00:00", "EXPTIME": 30.0, "FILTER": "r"})
+    hdul.writeto(d / "nowcs.fits")
+    a = archive(d, no_wcs="pixels")
+
+    def names(q: ExposureQuery | None = None) -> list[str]:
+        return [r["image_uri"].rsplit("/", 1)[1] for r in a.exposures(q).to_pylist()]
+
+    assert sorted(names()) == ["a.fits[1]", "b.fits[1]", "c.fits[1]", "nowcs.fits[1]"]
+    every = {n: r for n, r in zip(names(), a.exposures().to_pylist(), strict=True)}
+    assert (every["b.fits[1]"]["ccdid"], every["b.fits[1]"]["qid"]) == (3, 2)
+    assert every["nowcs.fits[1]"]["ccdid"] is None and every["nowcs.fits[1]"]["ra1"] is None
+    assert names(ExposureQuery(ccd_ids=[3], quadrant_ids=[1])) == ["a.fits[1]"]
+    assert sorted(names(ExposureQuery(ccd_ids=[3]))) == ["a.fits[1]", "b.fits[1]"]
+    assert sorted(names(ExposureQuery(quadrant_ids=[1]))) == ["a.fits[1]", "c.fits[1]"]
+    cone = ExposureQuery(ra=150.0, dec=2.2, radius_deg=0.01)
+    assert sorted(names(cone)) == ["a.fits[1]", "b.fits[1]", "c.fits[1]"]
+    assert a.nights(ExposureQuery(ccd_ids=[4])) == []
