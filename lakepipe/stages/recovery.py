@@ -12,6 +12,7 @@ from lakepipe.astro import orbit_fit as of
 from lakepipe.astro.astrometry import ASTROMETRY_SCHEMA, make_astrometry
 from lakepipe.errors import StageError
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
+from lakepipe.stages.ephemerides import epochs_of_replicas
 from lakepipe.stages.orbit_fit import (
     DEFAULT_BUCKETS,
     bucket_partitions,
@@ -22,34 +23,24 @@ from lakepipe.stages.orbit_fit import (
     orbits_table,
 )
 from lakepipe.stages.orbit_replicas import replica_rows
-from lakepipe.stages.tube import cloud_centre_radius, separation_arcsec
+from lakepipe.stages.tube import separation_arcsec, tube_nodes
 
 SOURCE_COLUMNS = ["source_id", "exposure_id", "cutout_id", "forced", "ra", "dec", "mag_inst",
                   "zeropoint_mag", "snr", "flags", "mjd", "filter", "night"]  # fmt: skip
 OK_CUTOUT = ("ok", "partial")
-MJD_TO_JD = 2400000.5
 
 
 def tube_radii(
     orbit: dict, mjd_utc: np.ndarray, n: int, seed: int, cred: float, obs_code: str
 ) -> np.ndarray:
-    """Credible tube radius (arcsec) of an ``orbits`` row at each UTC MJD: the replicas
-    of :func:`lakepipe.stages.orbit_replicas.replica_rows` (same ``n`` and ``seed`` give
-    the replicas stage's cloud) propagated with :func:`lakepipe.astro.observe.ephemeris`,
-    radius by :func:`lakepipe.stages.tube.cloud_centre_radius`."""
-    from lakepipe.astro.observe import ephemeris
-    from lakepipe.stages.orbit_fit import STATE_COLUMNS
-
+    """Credible tube radius (arcsec) of an ``orbits`` row at each UTC MJD (sorted,
+    distinct): the replicas of :func:`lakepipe.stages.orbit_replicas.replica_rows` (same
+    ``n`` and ``seed`` give the replicas stage's cloud) propagated by
+    :func:`lakepipe.stages.ephemerides.epochs_of_replicas`, radius by
+    :func:`lakepipe.stages.tube.tube_nodes` (no margin)."""
     reps = replica_rows(orbit, n, seed)
-    states = np.stack([np.asarray(reps.column(c).to_numpy(), float) for c in STATE_COLUMNS], 1)
-    perturbers = [p for p in str(orbit["perturbers"]).split(",") if p]
-    eph = ephemeris(states, float(orbit["epoch_mjd_tdb"]) + MJD_TO_JD, mjd_utc, obs_code,
-                    perturbers)  # fmt: skip
-    radii = [
-        cloud_centre_radius(eph["ra_deg"][:, k], eph["dec_deg"][:, k], cred)[2]
-        for k in range(len(mjd_utc))
-    ]
-    return np.asarray(radii, float)
+    eph = epochs_of_replicas(reps, mjd_utc, [None] * len(mjd_utc), obs_code)
+    return np.asarray(tube_nodes(eph, cred, 0.0).column("radius_cred_arcsec").to_numpy(), float)
 
 
 def coverage_rows(
