@@ -308,6 +308,15 @@ def _format_error(
         where = f"{label}:{line}" if line else label
     elif etype == "union_tag_not_found":
         msg = f"missing 'kind'. Available kinds: {', '.join(_kinds_for(loc))}."
+    elif etype == "literal_error":  # every closed choice of every kind: did-you-mean
+        options = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        field = next((str(p) for p in reversed(loc) if isinstance(p, str)), "value")
+        noun = field[:-1] if field.endswith("s") and len(field) > 3 else field
+        got = err.get("input")
+        msg = (
+            f"unknown {noun} {got!r}.{did_you_mean(str(got), options)} "
+            f"Available: {', '.join(options)}."
+        )
     elif etype == "missing":
         msg = "required key is missing"
     elif etype in ("model_type", "model_attributes_type", "dict_type"):
