@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
-import json
 import logging
-import threading
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -17,7 +14,7 @@ from lakepipe.errors import InputNotFoundError, UserError
 
 if TYPE_CHECKING:
     from lakepipe.archives.sim import SimArchive
-    from lakepipe.sim.emulator import ArchiveEmulator, LogEntry
+    from lakepipe.sim.emulator import ArchiveEmulator
 
 sim_app = typer.Typer(
     help=(
@@ -119,34 +116,6 @@ def catalog(
     )
 
 
-def _jsonl_recorder(emu: ArchiveEmulator, fh: IO[str]) -> None:
-    """Also append every request the emulator records to ``fh`` as one JSON line."""
-    record = emu.record
-    lock = threading.Lock()
-
-    def record_and_write(entry: LogEntry) -> None:
-        record(entry)
-        row = {
-            "timestamp": dt.datetime.fromtimestamp(entry.t, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "method": entry.method,
-            "path": entry.path,
-            "query": entry.query,
-            "status": entry.status,
-            "bytes": entry.bytes,
-            "fault": entry.fault or None,
-            "range": entry.range,
-            "user": entry.user,  # HTTP Basic user name only: the emulator never keeps passwords
-        }
-        with lock:  # request threads share the file: one line at a time
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-
-    # the emulator calls server.record(entry) once per answered request
-    emu.record = record_and_write  # type: ignore[method-assign]
-
-
 @sim_app.command("serve")
 @handle_errors
 def serve(
@@ -177,14 +146,11 @@ def serve(
     if log_file is not None and not log_file.parent.exists():
         raise InputNotFoundError(f"log folder {log_file.parent} does not exist; create it")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fh = open(log_file, "a", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
     bound = False
 
     def ready(emu: ArchiveEmulator) -> None:
         nonlocal bound
         bound = True
-        if fh is not None:
-            _jsonl_recorder(emu, fh)
         err_console().print(
             f"serving the virtual survey (seed {archive.config.seed}) on {emu.url} — point a "
             f"spec at it with `archive: {{kind: ztf, base_url: {emu.url}}}`; Ctrl-C stops",
@@ -192,7 +158,7 @@ def serve(
         )
 
     try:
-        run_server(archive, host=host, port=port, faults=faults, ready=ready)
+        run_server(archive, host=host, port=port, faults=faults, ready=ready, log_file=log_file)
     except OSError as exc:
         if bound:
             raise
@@ -203,6 +169,3 @@ def serve(
             errno.EADDRNOTAVAIL: "is not an address of this machine; try --host 127.0.0.1",
         }.get(exc.errno or 0, f"cannot be opened ({exc.strerror})")
         raise UserError(f"cannot listen on {host}:{port}: the address {why}") from None
-    finally:
-        if fh is not None:
-            fh.close()

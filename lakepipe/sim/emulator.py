@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import duckdb
@@ -56,6 +56,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lakepipe.archives.cds import VIZIER_COLUMNS
+from lakepipe.errors import UserError
 
 log = logging.getLogger("lakepipe.sim.emulator")
 
@@ -150,9 +151,16 @@ class LogEntry:
     user: str | None = None  # HTTP Basic user name the client sent (never the password)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record, with the time also as ISO 8601 UTC."""
+        """JSON-ready record (one line of ``log_file``, ``lakepipe sim serve --log``).
+
+        Adds the time as ISO 8601 UTC (``time``, and ``timestamp`` to the millisecond);
+        ``fault`` is None when the request was answered normally.
+        """
         out = asdict(self)
-        out["time"] = dt.datetime.fromtimestamp(self.t, dt.UTC).isoformat()
+        when = dt.datetime.fromtimestamp(self.t, dt.UTC)
+        out["time"] = when.isoformat()
+        out["timestamp"] = when.isoformat(timespec="milliseconds")
+        out["fault"] = self.fault or None
         return out
 
 
@@ -333,6 +341,7 @@ class ArchiveEmulator(ThreadingHTTPServer):
         self.log: list[LogEntry] = []
         self.log_file = Path(log_file) if log_file is not None else None
         self._log_lock = threading.Lock()
+        self._log_fh: IO[str] | None = None
         self._gate = _Gate(self.faults)
         self._meta: pa.Table | None = None
         self._paths: dict[str, int] = {}
@@ -341,6 +350,14 @@ class ArchiveEmulator(ThreadingHTTPServer):
         self._vizier: pa.Table | None = None
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
+        if self.log_file is not None:  # once bound: a busy port leaves no file behind
+            try:
+                self._log_fh = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                self.server_close()
+                raise UserError(
+                    f"cannot write the request log {self.log_file}: {exc.strerror}"
+                ) from None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients hanging up (resets, broken pipes) are normal here: log, don't print."""
@@ -369,6 +386,13 @@ class ArchiveEmulator(ThreadingHTTPServer):
         self.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._log_lock:
+            if self._log_fh is not None:
+                self._log_fh.close()
+                self._log_fh = None
 
     def __enter__(self) -> ArchiveEmulator:
         return self.start()
@@ -420,9 +444,9 @@ class ArchiveEmulator(ThreadingHTTPServer):
     def record(self, entry: LogEntry) -> None:
         with self._log_lock:
             self.log.append(entry)
-            if self.log_file is not None:
-                with open(self.log_file, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(entry.to_dict()) + "\n")
+            if self._log_fh is not None:  # request threads share it: one line at a time
+                self._log_fh.write(json.dumps(entry.to_dict()) + "\n")
+                self._log_fh.flush()
         log.info(
             "%s %s%s -> %d (%d bytes)%s",
             entry.method,
