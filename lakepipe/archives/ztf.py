@@ -42,7 +42,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +63,8 @@ log = logging.getLogger("lakepipe.archives.ztf")
 JD_MJD_OFFSET = 2400000.5  # JD = MJD + 2400000.5
 SEARCH_PATH = "/ibe/search/ztf/products/sci"
 DATA_PATH = "/ibe/data/ztf/products/sci"
-_FILTER_RE = re.compile(r"^z[gri]$")
+#: IBE filtercode values: the filters a ZTF query can select
+FILTER_CODES: tuple[str, ...] = ("zg", "zr", "zi")
 _CCD_IDS = range(1, 17)  # ZTF camera: 16 CCDs
 _QIDS = range(1, 5)  # 4 readout quadrants per CCD
 #: margin (days) on the obsjd WHERE: obsjd is exposure start, the lake's mjd mid-exposure
@@ -127,8 +127,8 @@ def search_params(
         clauses.append(f"obsjd <= {hi + JD_MJD_OFFSET + _TIME_MARGIN_D:.6f}")
     if where.filters:
         for f in where.filters:
-            if not _FILTER_RE.match(f):
-                raise ValueError(f"ZTF filter codes are zg, zr, zi (got {f!r})")
+            if f not in FILTER_CODES:
+                raise ValueError(f"ZTF filter codes are {', '.join(FILTER_CODES)} (got {f!r})")
         clauses.append("filtercode IN (" + ", ".join(f"'{f}'" for f in where.filters) + ")")
     if where.field_ids:
         clauses.append("field IN (" + ", ".join(str(int(f)) for f in where.field_ids) + ")")
@@ -252,7 +252,7 @@ def parse_header_bytes(data: bytes) -> fits.Header | None:
 class ZtfArchive(Archive):
     """IRSA ZTF science exposures, images and cutouts through IBE (see module docstring)."""
 
-    known_filters: tuple[str, ...] = ("zg", "zr", "zi")  # IBE filtercode values
+    known_filters: tuple[str, ...] = FILTER_CODES
 
     class Params(ArchiveParams):
         base_url: str = Field(
@@ -372,7 +372,7 @@ class ZtfArchive(Archive):
         where = _as_query(where)
         meta = self.search(where)
         table = exposures_from_ibe(meta, self.base_url) if meta.num_rows else _empty()
-        keep = _select(table, where)
+        keep = where.select(table)  # the one selection every archive applies
         table = table.filter(pa.array(keep, pa.bool_()))
         table = table.sort_by([("mjd", "ascending"), ("exposure_id", "ascending")])
         if where.max_rows is not None:
@@ -387,7 +387,7 @@ class ZtfArchive(Archive):
         table = exposures_from_ibe(m, self.base_url) if (m := self.search(where)).num_rows else None
         if table is None:
             return []
-        keep = _select(table, where)
+        keep = where.select(table)
         return sorted(set(table.column("night").filter(pa.array(keep)).to_pylist()))
 
     def _row(self, exposure_id: int) -> dict[str, Any]:
@@ -524,8 +524,3 @@ def _as_query(where: ExposureQuery | dict | None) -> ExposureQuery:
 
 def _empty() -> pa.Table:
     return pa.table({c: pa.array([], t) for c, t in _EXPOSURE_TYPES.items()})
-
-
-def _select(table: pa.Table, where: ExposureQuery) -> np.ndarray:
-    """Exact selection with the shared geometry (what the sim archive applies)."""
-    return where.select(table)
