@@ -212,10 +212,9 @@ def full_url(url: str, params: Params = None) -> str:
 
 
 def host_key(url: str) -> str:
-    """``host:port`` a limit applies to."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{(parts.hostname or '').lower()}:{port}"
+    """``host:port`` a limit applies to (the host and port of :func:`origin`)."""
+    _, host, port = origin(url)
+    return f"{host}:{port}"
 
 
 def is_retryable_status(status: int) -> bool:
