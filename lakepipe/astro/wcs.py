@@ -114,6 +114,76 @@ def point_in_footprint(
     return near & (np.all(s >= 0, axis=-1) | np.all(s <= 0, axis=-1))
 
 
+def gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
+    """Tangent-plane (ξ, η) in degrees about (ra0, dec0) (Calabretta & Greisen 2002, TAN).
+
+    Shape ``(n, 2)``; points more than 90° away come out as NaN.
+    """
+    a, d = np.radians(np.asarray(ra, np.float64)), np.radians(np.asarray(dec, np.float64))
+    a0, d0 = np.radians(ra0), np.radians(dec0)
+    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xi = np.cos(d) * np.sin(a - a0) / cosc
+        eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
+    out = np.degrees(np.column_stack([xi, eta]))
+    out[cosc <= 0] = np.nan
+    return out
+
+
+def inside_polygon(points: np.ndarray, corners: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Whether tangent-plane points lie inside a convex polygon, ``margin`` inside its edges.
+
+    ``corners`` in order (either sense); units of ``points`` (degrees).
+    """
+    c = np.asarray(corners, np.float64)
+    nxt = np.roll(c, -1, axis=0)
+    edge = nxt - c
+    length = np.hypot(edge[:, 0], edge[:, 1])
+    # signed distance of each point to each edge line, positive on the polygon's side
+    cross = (edge[None, :, 0] * (points[:, None, 1] - c[None, :, 1])
+             - edge[None, :, 1] * (points[:, None, 0] - c[None, :, 0]))  # fmt: skip
+    area2 = np.sum(c[:, 0] * nxt[:, 1] - nxt[:, 0] * c[:, 1])
+    dist = np.sign(area2) * cross / length[None, :]
+    return np.all(dist >= margin, axis=1)
+
+
+def image_corners(exposure: dict, cutout: dict | None, ra0: float, dec0: float) -> list[np.ndarray]:
+    """Polygons (tangent plane about ra0, dec0; deg) whose intersection is the measured area.
+
+    The exposure's footprint from its corners; a cutout adds a square of side
+    ``size_arcsec`` about its centre, aligned with the exposure's pixel axes.
+    """
+    ras = [exposure[f"ra{i}"] for i in range(1, 5)]
+    decs = [exposure[f"dec{i}"] for i in range(1, 5)]
+    foot = gnomonic(np.array(ras), np.array(decs), ra0, dec0)
+    polys = [foot]
+    if cutout is not None:
+        ux = foot[1] - foot[0]
+        ux = ux / np.hypot(*ux)
+        uy = foot[3] - foot[0]
+        uy = uy - ux * np.dot(uy, ux)
+        uy = uy / np.hypot(*uy)
+        centre = gnomonic(np.array([cutout["ra"]]), np.array([cutout["dec"]]), ra0, dec0)[0]
+        h = cutout["size_arcsec"] / 7200.0
+        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        polys.append(np.array([centre + h * (sx * ux + sy * uy) for sx, sy in corners]))
+    return polys
+
+
+def inside_image(
+    xy: np.ndarray, exposure: dict, cutout: dict | None, margin: float = 0.0
+) -> np.ndarray:
+    """Whether tangent-plane points ``xy`` (:func:`gnomonic` about the exposure's centre
+    ``ra``/``dec``; deg) lie ``margin`` (deg) inside the area measured on ``exposure``:
+    its footprint, intersected with ``cutout``'s square when one is given (see
+    :func:`image_corners`). Points behind the tangent plane (NaN) are outside."""
+    inside = np.isfinite(xy[:, 0])
+    points = np.nan_to_num(xy)
+    for poly in image_corners(exposure, cutout, exposure["ra"], exposure["dec"]):
+        inside &= inside_polygon(points, poly, margin)
+    return inside
+
+
 def footprint_contains_sql(ra: float, dec: float, prefix: str = "") -> str:
     """A DuckDB predicate: the ``exposures`` footprint (ra1..dec4) contains (ra, dec).
 

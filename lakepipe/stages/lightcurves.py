@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lakepipe.astro.crossmatch import crossmatch
 from lakepipe.astro.variability import lightcurve_stats
+from lakepipe.astro.wcs import gnomonic, inside_image
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 
 SOURCE_COLUMNS = [
@@ -281,8 +282,8 @@ def coverage_limits(
 ) -> pa.Table:
     """Upper-limit rows at ``calibrations.mag_lim`` for every calibrated exposure whose
     measured area covers one of ``objects`` (id, ra, dec) that has no row there in ``lc``."""
-    from lakepipe.stages.changes import gnomonic, image_corners, inside_polygon
-
+    if not objects:
+        return _empty_lightcurves()
     tables = ctx.lake.tables()
     if "calibrations" not in tables:
         return _empty_lightcurves()
@@ -299,8 +300,6 @@ def coverage_limits(
     if "sources" in tables:
         for r in ctx.lake.sql("select distinct exposure_id, cutout_id from sources").to_pylist():
             measured.setdefault(r["exposure_id"], []).append(r["cutout_id"])
-    if not objects:
-        return _empty_lightcurves()
     oid = [o[0] for o in objects]
     ora = np.array([o[1] for o in objects], np.float64)
     odec = np.array([o[2] for o in objects], np.float64)
@@ -314,17 +313,12 @@ def coverage_limits(
         if e is None or e.get("ra1") is None:
             continue
         xy = gnomonic(ora, odec, e["ra"], e["dec"])
-        ok = np.isfinite(xy[:, 0])
-        xy = np.nan_to_num(xy)
         covered = np.zeros(len(oid), dtype=bool)
         for cut_id in measured.get(c["exposure_id"], [None]):
             cut = cutouts.get(cut_id) if cut_id is not None else None
             if cut_id is not None and cut is None:
                 continue
-            inside = ok.copy()
-            for poly in image_corners(e, cut, e["ra"], e["dec"]):
-                inside &= inside_polygon(xy, poly, margin_arcsec / 3600.0)
-            covered |= inside
+            covered |= inside_image(xy, e, cut, margin_arcsec / 3600.0)
         for i in np.flatnonzero(covered):
             if (oid[i], c["exposure_id"]) in have:
                 continue

@@ -1,4 +1,4 @@
-"""changes stage geometry: the measured area of an exposure or cutout on the sky.
+"""Measured-area geometry (lakepipe.astro.wcs, used by changes and lightcurves) on the sky.
 
 Known answers: a tangent-plane projection puts the tangent point at (0, 0) and a point
 1° north at η = tan(1°); a square's inside test honours its margin, in either corner
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lakepipe.stages.changes import gnomonic, image_corners, inside_polygon
+from lakepipe.astro.wcs import gnomonic, image_corners, inside_polygon
 
 
 def test_gnomonic_known_points() -> None:
