@@ -26,13 +26,10 @@ import pyarrow as pa
 
 from lakepipe.errors import UserError
 from lakepipe.export.base import ExportMeta, register_format
+from lakepipe.sql import _sql_str
 
 TELESCOPES = {"sim": "ZTF (sim)", "ztf": "ZTF", "fits_dir": "telescope"}
 FILTER_NAMES = {"zg": "g", "zr": "r", "zi": "i"}
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _source(table: str, options: dict[str, Any]) -> str | None:
@@ -44,7 +41,7 @@ def _source(table: str, options: dict[str, Any]) -> str | None:
     """
     if table != "lightcurves" or options.get("target") is None:
         return None
-    target = _quote(str(options["target"]))
+    target = _sql_str(str(options["target"]))
     rows = (
         "select l.*, e.exptime_s, e.archive from lightcurves l "
         f"left join exposures e using (exposure_id) where l.object_id = {target}"
