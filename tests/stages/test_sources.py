@@ -37,6 +37,28 @@ def write_spec(root: Path, stages: dict, archive: dict) -> Path:
     return path
 
 
+# exposures + sources on full images of a fits_dir archive (the FWHM default suits the
+# small rendered test images)
+FITS_DIR_STAGES = {
+    "exposures": {"kind": "exposures"},
+    "sources": {
+        "kind": "sources",
+        "inputs": ["exposures"],
+        "image": "exposure",
+        "seeing": {"default_fwhm_pix": 2.5},
+    },
+}
+
+
+def image_hdu(data: np.ndarray, header: fits.Header, name: str) -> fits.ImageHDU:
+    """An image extension carrying ``header``'s WCS cards (not its NAXIS cards)."""
+    hdu = fits.ImageHDU(data=data.astype(np.float32), name=name)
+    for card in header.cards:
+        if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
+            hdu.header[card.keyword] = card.value
+    return hdu
+
+
 @pytest.fixture(scope="module")
 def exposure_run(tmp_path_factory):
     """One full 1024² sim exposure measured with the default parameters."""
@@ -320,23 +342,11 @@ def test_fits_dir_real_files_with_sip_tpv_and_scaling(tmp_path):
         )
         header = wcs_header(spec)
         data = render(spec, header) + rng.normal(0.0, 5.0, (140, 160))
-        hdu = fits.ImageHDU(data=data.astype(np.float32), name=spec.extname)
-        for card in header.cards:
-            if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
-                hdu.header[card.keyword] = card.value
+        hdu = image_hdu(data, header, spec.extname)
         hdu.scale("int16", bscale=0.25, bzero=3000.0)
         hdus.append(hdu)
     fits.HDUList(hdus).writeto(folder / "a.fits")
-    stages = {
-        "exposures": {"kind": "exposures"},
-        "sources": {
-            "kind": "sources",
-            "inputs": ["exposures"],
-            "image": "exposure",
-            "seeing": {"default_fwhm_pix": 2.5},
-        },
-    }
-    spec_path = write_spec(tmp_path, stages, {"kind": "fits_dir", "path": "images"})
+    spec_path = write_spec(tmp_path, FITS_DIR_STAGES, {"kind": "fits_dir", "path": "images"})
     report = run_pipeline(spec_path, workers=1)
     assert report.exit_code == 0, report
     lake = Lake(tmp_path / "lake").reader()
@@ -470,10 +480,7 @@ def test_fits_dir_mask_extension_bits_and_exposure_detector_values(tmp_path):
     for k, v in {"DATE-OBS": "2025-01-03T05:00:00", "EXPTIME": 30.0, "FILTER": "r"}.items():
         primary.header[k] = v
     primary.header["GAIN"], primary.header["EGAIN2"] = 1.5, 3.0
-    sci = fits.ImageHDU(data=data.astype(np.float32), name="SCI")
-    for card in header.cards:
-        if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
-            sci.header[card.keyword] = card.value
+    sci = image_hdu(data, header, "SCI")
     weight = fits.ImageHDU(data=np.ones((140, 160), np.float32), header=sci.header, name="WEIGHT")
     dq = fits.ImageHDU(data=mask, name="MASK")
     fits.HDUList([primary, sci, dq, weight]).writeto(folder / "a.fits")
@@ -484,16 +491,7 @@ def test_fits_dir_mask_extension_bits_and_exposure_detector_values(tmp_path):
         "keywords": {"gain_e_per_adu": "EGAIN2"},
         "defaults": {"saturate_adu": 50000.0},
     }
-    stages = {
-        "exposures": {"kind": "exposures"},
-        "sources": {
-            "kind": "sources",
-            "inputs": ["exposures"],
-            "image": "exposure",
-            "seeing": {"default_fwhm_pix": 2.5},
-        },
-    }
-    report = run_pipeline(write_spec(tmp_path, stages, archive), workers=1)
+    report = run_pipeline(write_spec(tmp_path, FITS_DIR_STAGES, archive), workers=1)
     assert report.exit_code == 0, report
     lake = Lake(tmp_path / "lake").reader()
     (st,) = lake.read("image_stats").to_pylist()  # SCI only: MASK and WEIGHT are not images
