@@ -196,6 +196,7 @@ class SourcesStage(Stage):
                     limiting_params=p.limiting_mag,
                     seeing_params=p.seeing,
                     forced_radec=(fra, fdec) if len(fra) else None,
+                    fwhm_prior_pix=_seeing_prior_pix(image, meta.get(exposure_id)),
                     seed=int(image_id) % (2**32),
                 )
             except LakepipeError:
@@ -232,7 +233,14 @@ class SourcesStage(Stage):
     def _exposure_meta(self, ctx: StageContext, key: str) -> dict[int, dict[str, Any]]:
         if "exposures" not in ctx.lake.tables():
             return {}
-        cols = ["exposure_id", "mjd", "filter", "zeropoint_mag", *DETECTOR_COLUMNS]
+        cols = [
+            "exposure_id",
+            "mjd",
+            "filter",
+            "zeropoint_mag",
+            "seeing_fwhm_arcsec",
+            *DETECTOR_COLUMNS,
+        ]
         t = ctx.lake.read("exposures", partitions=[key], columns=cols)
         return {int(r["exposure_id"]): r for r in t.to_pylist()}
 
@@ -495,6 +503,15 @@ def _use_exposure_detector(image: ph.Image, meta: dict[str, Any] | None) -> None
         v = _num(meta.get(name))
         if v is not None and (name != "gain_e_per_adu" or v > 0):
             setattr(image, name, v)
+
+
+def _seeing_prior_pix(image: ph.Image, meta: dict[str, Any] | None) -> float | None:
+    """The archive's seeing FWHM (exposures.seeing_fwhm_arcsec) in the image's pixels."""
+    seeing = _num((meta or {}).get("seeing_fwhm_arcsec"))
+    if seeing is None or seeing <= 0:
+        return None
+    scale = ph.pixel_scale_arcsec(image)
+    return seeing / scale if scale else None
 
 
 def _forced_for(
