@@ -1154,12 +1154,17 @@ def measure_image(
     if not sp.use_prior:
         prior = None
     fallback = prior or sp.default_fwhm_pix
+    seeing_note = ""
     if dp.filter == "seeing" and prior is not None:
         # detect through a kernel of the archive's seeing, measure the FWHM on what was
         # found, and detect again only if the seeing was off by more than the tolerance
         objects, segmap = find(gaussian_kernel(prior))
         fwhm, n_fwhm, star_idx = seeing(objects)
         if np.isfinite(fwhm) and abs(fwhm / prior - 1.0) > sp.prior_tolerance:
+            seeing_note = (
+                f"archive seeing {prior:.2f} px is {fwhm / prior - 1.0:+.0%} off the "
+                f"measured {fwhm:.2f} px: detected again with the measured FWHM"
+            )
             first = objects
             objects, segmap = find(gaussian_kernel(fwhm))
             star_idx = _nearest(objects, first["x"][star_idx], first["y"][star_idx], 1.0)
@@ -1401,6 +1406,7 @@ def measure_image(
         "background_rms_adu": float(bkg.globalrms),
         "fwhm_pix": float(fwhm) if fwhm_ok else float("nan"),
         "fwhm_used_pix": float(fwhm_used),
+        "fwhm_prior_pix": float(fwhm_prior_pix) if fwhm_prior_pix else float("nan"),
         "n_fwhm_stars": int(n_fwhm),
         "fwhm_arcsec": float(fwhm_used * pixscale) if pixscale else float("nan"),
         "pixscale_arcsec": float(pixscale) if pixscale else float("nan"),
@@ -1415,9 +1421,19 @@ def measure_image(
         "mag_lim_inst": mag_lim_random if lp.mode == "random" else mag_lim_analytic,
         "has_wcs": image.wcs is not None,
         "masked_fraction": _masked_fraction(data.shape, mask, bad_cols),
-        "note": image.note
-        if fwhm_ok
-        else "; ".join(filter(None, [image.note, f"no star for FWHM; used {fwhm_used:.2f} px"])),
+        "note": "; ".join(
+            filter(
+                None,
+                [
+                    image.note,
+                    seeing_note,
+                    ""
+                    if fwhm_ok
+                    else f"no star for FWHM; used {fwhm_used:.2f} px"
+                    + (" (archive seeing)" if prior is not None else " (default_fwhm_pix)"),
+                ],
+            )
+        ),
     }
     return ImageMeasurement(sources=sources, stats=stats)
 

@@ -88,16 +88,20 @@ class SourcesStage(Stage):
         ``threshold_rms`` global|local (rms map), ``minarea`` (3 px),
         ``deblend_nthresh`` (32), ``deblend_cont`` (0.005), ``clean`` (off: CLEAN's Moffat
         wings delete real neighbours of bright stars in Gaussian-PSF images),
-        ``clean_param``, ``filter`` seeing|default|none (a Gaussian of the measured FWHM
-        found from a ≥10σ pre-pass, SExtractor's default.conv, or none), ``centroid``
-        windowed|isophotal, ``edge_buffer_pix``.
+        ``clean_param``, ``filter`` seeing|default|none (a Gaussian of the image's FWHM,
+        SExtractor's default.conv, or none), ``centroid`` windowed|isophotal,
+        ``edge_buffer_pix``, ``bad_column_sigma``.
     aperture : ``mode`` fixed (``radius`` in ``unit`` pix|arcsec) | fwhm (``scale`` ×
         FWHM, default 2.0) | multi (``radii``; ``keep`` all rows, or the ``best`` radius
         per image from the curve of growth); ``kron`` (AUTO flux in the ellipse of
         K·a, K·b with K = max(``kron_factor`` × Kron radius, ``kron_min_radius``):
         SExtractor's PHOT_AUTOPARAMS, default 2.5, 3.5), ``subpix`` (0 = exact overlap),
         ``error_model`` empirical (measured rms) | ccd (B/g + (RN/g)²).
-    seeing : ``max_stars``, ``min_snr``, ``isolation_fwhm``, ``default_fwhm_pix``.
+    seeing : ``max_stars``, ``min_snr``, ``isolation_fwhm``, ``default_fwhm_pix``;
+        ``use_prior`` (on): the seeing kernel starts from the archive's seeing
+        (``exposures.seeing_fwhm_arcsec``), the FWHM is measured on the detections, and
+        they are redone with it when it is more than ``prior_tolerance`` (0.2) off; with
+        no archive seeing, a ≥10σ pre-pass on the image's centre gives the FWHM first.
     limiting_mag : ``mode`` analytic | random (``n_apertures`` blank-sky apertures with
         sources masked and dilated by ``dilate_fwhm`` × FWHM, MAD σ, ``seed``), ``nsigma``.
     forced : ``positions: [{id, ra, dec}]`` and/or ``sql`` returning ``ra, dec`` [, ``id``]
@@ -461,6 +465,7 @@ class SourcesStage(Stage):
             "background_rms_adu": _num(st["background_rms_adu"]),
             "fwhm_pix": _num(st["fwhm_pix"]),
             "fwhm_used_pix": float(st["fwhm_used_pix"]),
+            "fwhm_prior_pix": _num(st["fwhm_prior_pix"]),
             "fwhm_arcsec": _num(st["fwhm_arcsec"]),
             "n_fwhm_stars": int(st["n_fwhm_stars"]),
             "pixscale_arcsec": _num(st["pixscale_arcsec"]),

@@ -114,6 +114,11 @@ def test_seeing_and_stats_match_the_exposure(exposure_run):
     assert st["fwhm_pix"] == pytest.approx(
         exp["seeing_fwhm_arcsec"] / exp["pixscale_arcsec"], rel=0.03
     )
+    # the archive's seeing seeded the detection kernel, close enough not to redo it
+    assert st["fwhm_prior_pix"] == pytest.approx(
+        exp["seeing_fwhm_arcsec"] / exp["pixscale_arcsec"], rel=1e-3
+    )
+    assert st["note"] is None
     assert st["background_adu"] == pytest.approx(exp["sky_adu"], rel=0.01)
     assert st["zeropoint_mag"] == exp["zeropoint_mag"]
     assert st["mag_lim"] == pytest.approx(st["mag_lim_inst"] + exp["zeropoint_mag"])
