@@ -134,7 +134,7 @@ def timed(fn, *args, repeat: int = 1):
     return best, out
 
 
-def interleaved(calls: dict, rounds: int = 5) -> tuple[dict[str, float], dict]:
+def interleaved(calls: dict, rounds: int = 7) -> tuple[dict[str, float], dict]:
     """Best wall time of each call over ``rounds`` rounds that run every call in turn,
     so all see the same machine state (on these VMs freshly touched memory and a
     neighbour's load drift over seconds); returns (best seconds, last result) by name."""
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--exposures", type=int, default=4)
     ap.add_argument("--no-photutils", action="store_true")
     ap.add_argument(
-        "--scaling-exposures", type=int, default=12, help="exposures for the 1 vs 2 workers run"
+        "--scaling-exposures", type=int, default=20, help="exposures for the 1 vs 2 workers run"
     )
     args = ap.parse_args()
     from lakepipe.astro import photometry as ph
