@@ -620,6 +620,10 @@ def column_flags(x: np.ndarray, radius_pix: float | np.ndarray, cols: np.ndarray
 # the dozen the FWHM needs, and the pass costs a quarter of a full extraction.
 PREPASS_FULL_MAX_PIX = 4_000_000
 
+# An archive seeing outside this range (pixels) is not believed (wrong units, a
+# placeholder): it would give a detection kernel as large as the image.
+PRIOR_FWHM_RANGE_PIX = (0.5, 25.0)
+
 
 def _bright_objects(
     data_sub: np.ndarray, bkg: sep.Background, mask: np.ndarray | None, params: DetectParams
@@ -628,7 +632,7 @@ def _bright_objects(
     full-image pixel coordinates; the central quarter of a large image, else all of it."""
     ny, nx = data_sub.shape
     if data_sub.size <= PREPASS_FULL_MAX_PIX:
-        return detect(data_sub, bkg, mask, params, kernel=None)[0]
+        return detect(data_sub, bkg, mask, params, kernel=None, segmentation_map=False)[0]
     y0, x0 = ny // 4, nx // 4
     region = (slice(y0, y0 + ny // 2), slice(x0, x0 + nx // 2))
     objects = detect(data_sub, bkg, mask, params, kernel=None, region=region)[0]
@@ -649,25 +653,39 @@ def estimate_fwhm(
     mask: np.ndarray | None = None,
     columns: np.ndarray | None = None,
     params: SeeingParams | None = None,
+    fwhm_hint: float | None = None,
 ) -> tuple[float, int, np.ndarray]:
     """Per-image FWHM (pixels): median of Moffat fits to the brightest unsaturated,
     isolated, unflagged stars clear of ``mask`` and bad ``columns``. Returns (fwhm_pix,
-    n_stars, indices of the stars used); NaN and 0 when none qualifies."""
+    n_stars, indices of the stars used); NaN and 0 when none qualifies.
+
+    Isolation and stamp sizes scale with a rough FWHM: ``fwhm_hint`` (e.g. the
+    archive's seeing) or else the median isophotal size of the objects, which on a
+    full-depth catalogue (faint objects' isophotes are wide for their light) comes out
+    too large and would leave too few stars isolated in a crowded field.
+    """
     params = params or SeeingParams()
     n = len(objects)
     if n == 0:
         return float("nan"), 0, np.array([], int)
     ny, nx = data_sub.shape
     x, y = objects["x"], objects["y"]
-    rough = FWHM_PER_SIGMA * np.sqrt(np.clip(objects["a"] * objects["b"], 0.0, None))
-    rough_med = float(np.median(rough)) if np.isfinite(rough).any() else params.default_fwhm_pix
+    if fwhm_hint is not None and math.isfinite(fwhm_hint) and fwhm_hint > 0:
+        rough_med = float(fwhm_hint)
+    else:
+        rough = FWHM_PER_SIGMA * np.sqrt(np.clip(objects["a"] * objects["b"], 0.0, None))
+        finite = np.isfinite(rough)
+        rough_med = float(np.median(rough[finite])) if finite.any() else params.default_fwhm_pix
     rough_med = max(rough_med, 1.0)
     snr = objects["flux"] / (np.sqrt(np.maximum(objects["npix"], 1)) * max(rms, 1e-30))
     ok = (objects["flag"] == 0) & (snr >= params.min_snr)
     # elongated detections are galaxies, trails or blends, not the PSF
     ok &= objects["b"] / np.maximum(objects["a"], 1e-9) > 0.6
     half = math.ceil(4.0 * rough_med) + 3
-    ok &= (x >= half) & (x < nx - half) & (y >= half) & (y < ny - half)
+    # stamps are cut around the rounded position: test that, not the position
+    xr = np.round(x).astype(np.int64)
+    yr = np.round(y).astype(np.int64)
+    ok &= (xr >= half) & (xr < nx - half) & (yr >= half) & (yr < ny - half)
     # isolation: no other detection (of any brightness) within isolation_fwhm × FWHM
     if n > 1 and ok.any():
         from scipy.spatial import cKDTree
@@ -680,7 +698,7 @@ def estimate_fwhm(
     cols = np.asarray(columns if columns is not None else [], int)
     keep: list[int] = []
     for i in idx:  # brightest first, until max_stars pass the pixel checks
-        xi, yi = round(x[i]), round(y[i])
+        xi, yi = int(xr[i]), int(yr[i])
         box = (slice(yi - half, yi + half + 1), slice(xi - half, xi + half + 1))
         near_saturation = saturate_adu is not None and data_raw is not None
         if near_saturation and float(data_raw[box].max()) >= 0.8 * saturate_adu:
@@ -700,8 +718,7 @@ def estimate_fwhm(
     guess = np.where(np.isfinite(r50) & (r50 > 0), 2.0 * r50, rough_med)
     # one stamp size for all (they are fitted together): 2 × the median guess + 2 px
     h = min(half, math.ceil(2.0 * float(np.median(guess))) + 2)
-    xi = np.round(x[idx]).astype(int)
-    yi = np.round(y[idx]).astype(int)
+    xi, yi = xr[idx], yr[idx]
     stamps = np.stack(
         [data_sub[b - h : b + h + 1, a - h : a + h + 1] for a, b in zip(xi, yi, strict=True)]
     )
@@ -1138,7 +1155,7 @@ def measure_image(
     def find(kernel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         return detect(data_sub, bkg, mask, dp, kernel=kernel, segmentation_map=segmap_needed)
 
-    def seeing(objs: np.ndarray) -> tuple[float, int, np.ndarray]:
+    def seeing(objs: np.ndarray, hint: float | None = None) -> tuple[float, int, np.ndarray]:
         return estimate_fwhm(
             data_sub,
             objs,
@@ -1148,41 +1165,69 @@ def measure_image(
             mask=mask,
             columns=bad_cols,
             params=sp,
+            fwhm_hint=hint,
         )
 
-    prior = fwhm_prior_pix if fwhm_prior_pix and math.isfinite(fwhm_prior_pix) else None
-    if not sp.use_prior:
-        prior = None
+    notes: list[str] = []
+    prior = None
+    if sp.use_prior and fwhm_prior_pix is not None and math.isfinite(fwhm_prior_pix):
+        lo, hi = PRIOR_FWHM_RANGE_PIX
+        if lo <= fwhm_prior_pix <= hi:
+            prior = float(fwhm_prior_pix)
+        else:
+            notes.append(f"archive seeing {fwhm_prior_pix:.3g} px ignored (not in {lo}-{hi} px)")
     fallback = prior or sp.default_fwhm_pix
-    seeing_note = ""
-    if dp.filter == "seeing" and prior is not None:
-        # detect through a kernel of the archive's seeing, measure the FWHM on what was
-        # found, and detect again only if the seeing was off by more than the tolerance
-        objects, segmap = find(gaussian_kernel(prior))
-        fwhm, n_fwhm, star_idx = seeing(objects)
-        if np.isfinite(fwhm) and abs(fwhm / prior - 1.0) > sp.prior_tolerance:
-            seeing_note = (
-                f"archive seeing {prior:.2f} px is {fwhm / prior - 1.0:+.0%} off the "
-                f"measured {fwhm:.2f} px: detected again with the measured FWHM"
-            )
-            first = objects
-            objects, segmap = find(gaussian_kernel(fwhm))
-            star_idx = _nearest(objects, first["x"][star_idx], first["y"][star_idx], 1.0)
-    elif dp.filter == "seeing":
-        # bright objects first (≥ 10σ, no kernel) for the FWHM, then the full
-        # detection through a Gaussian kernel of that FWHM (the matched filter)
+
+    def prepass() -> tuple[np.ndarray, float, int, np.ndarray]:
+        # bright objects (≥ 10σ, no kernel) for the FWHM
         bright = dp.model_copy(
             update={"threshold_sigma": max(dp.threshold_sigma, 10.0), "threshold_on": "image"}
         )
         first = _bright_objects(data_sub, bkg, mask, bright)
-        fwhm, n_fwhm, used = seeing(first)
+        return (first, *seeing(first))
+
+    objects = None
+    if dp.filter == "seeing" and prior is not None:
+        # detect through a kernel of the archive's seeing and measure the FWHM on what
+        # was found (the pre-pass instead if too few stars are clean at full depth, as
+        # in a crowded field); detect again if the seeing was off by more than the
+        # tolerance
+        try:
+            objects, segmap = find(gaussian_kernel(prior))
+        except Exception as exc:  # sep's own errors (e.g. its pixel buffer): pre-pass
+            if type(exc) is not Exception:
+                raise
+            notes.append(f"detection with the archive seeing {prior:.2f} px failed ({exc})")
+    if objects is not None and prior is not None:
+        stars = objects
+        fwhm, n_fwhm, used = seeing(objects, prior)
+        if n_fwhm < max(3, sp.max_stars // 2):
+            first, fwhm2, n2, used2 = prepass()
+            if n2 > n_fwhm:
+                stars, fwhm, n_fwhm, used = first, fwhm2, n2, used2
+        if np.isfinite(fwhm) and abs(fwhm / prior - 1.0) > sp.prior_tolerance:
+            notes.append(
+                f"archive seeing {prior:.2f} px is {fwhm / prior - 1.0:+.0%} off the "
+                f"measured {fwhm:.2f} px: detected again with the measured FWHM"
+            )
+            objects, segmap = find(gaussian_kernel(fwhm))
+        star_idx = (
+            used if stars is objects else _nearest(objects, stars["x"][used], stars["y"][used], 1.0)
+        )
+    elif dp.filter == "seeing":
+        # the pre-pass's FWHM, then the full detection through a Gaussian kernel of it
+        # (the matched filter)
+        first, fwhm, n_fwhm, used = prepass()
         objects, segmap = find(gaussian_kernel(fwhm if np.isfinite(fwhm) else fallback))
         star_idx = _nearest(objects, first["x"][used], first["y"][used], 1.0)
     else:
         objects, segmap = find(_kernel(dp, None))
-        fwhm, n_fwhm, star_idx = seeing(objects)
+        fwhm, n_fwhm, star_idx = seeing(objects, prior)
     fwhm_ok = bool(np.isfinite(fwhm))
     fwhm_used = fwhm if fwhm_ok else fallback
+    if not fwhm_ok:
+        source = "archive seeing" if prior is not None else "seeing.default_fwhm_pix"
+        notes.append(f"no star for FWHM; used {fwhm_used:.2f} px ({source})")
     order = np.lexsort((objects["x"], objects["y"]))
     objects = objects[order]
     star_idx = np.flatnonzero(np.isin(order, star_idx))
@@ -1235,6 +1280,13 @@ def measure_image(
         annulus_mask[:, bad_cols] = True
     pixscale = pixel_scale_arcsec(image)
     radii = aperture_radii_pix(ap, fwhm_used, pixscale)
+    # apertures are flagged against the image's mask by sep, against bad columns by
+    # geometry (no full-frame map); with both, one combined map, so that an aperture
+    # covered partly by each is still all_masked
+    ap_mask, ap_cols = mask, bad_cols
+    if mask is not None and len(bad_cols):
+        ap_mask, ap_cols = mask.copy(), bad_cols[:0]
+        ap_mask[:, bad_cols] = True
     results = [
         aperture_photometry(
             data_phot,
@@ -1243,7 +1295,7 @@ def measure_image(
             r,
             var=var,
             gain_e_per_adu=image.gain_e_per_adu,
-            mask=mask,
+            mask=ap_mask,
             annulus_pix=annulus,
             annulus_mask=annulus_mask,
             annulus_min_fraction=bp.annulus_min_fraction,
@@ -1254,7 +1306,7 @@ def measure_image(
         for r in radii
     ]
     for r, res in zip(radii, results, strict=True):
-        res.flags |= column_flags(x_all, r, bad_cols)
+        res.flags |= column_flags(x_all, r, ap_cols)
     snrs = [np.where(res.flux_err > 0, res.flux / res.flux_err, np.nan) for res in results]
     chosen = list(range(len(radii)))
 
@@ -1421,19 +1473,7 @@ def measure_image(
         "mag_lim_inst": mag_lim_random if lp.mode == "random" else mag_lim_analytic,
         "has_wcs": image.wcs is not None,
         "masked_fraction": _masked_fraction(data.shape, mask, bad_cols),
-        "note": "; ".join(
-            filter(
-                None,
-                [
-                    image.note,
-                    seeing_note,
-                    ""
-                    if fwhm_ok
-                    else f"no star for FWHM; used {fwhm_used:.2f} px"
-                    + (" (archive seeing)" if prior is not None else " (default_fwhm_pix)"),
-                ],
-            )
-        ),
+        "note": "; ".join(filter(None, [image.note, *notes])),
     }
     return ImageMeasurement(sources=sources, stats=stats)
 

@@ -125,6 +125,7 @@ def fit_fwhm(
     lam = np.full(n, 1e-3)
     active = np.ones(n, bool)  # still iterating
     converged = np.zeros(n, bool)
+    moved = np.zeros(n, bool)  # at least one step accepted
     eye = np.eye(N_PARAMS)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
@@ -166,12 +167,16 @@ def fit_fwhm(
             t_cost[better],
         )
         lam[acc] = np.maximum(lam[acc] / 10.0, 1e-9)
+        moved[acc] = True
         rej = idx[~better]
         lam[rej] *= 10.0
         converged[idx[done]] = True
         active[idx[done]] = False
-        active[rej[lam[rej] > 1e10]] = False  # no descent left: at a minimum
-        converged[rej[lam[rej] > 1e10]] = True
+        # no descent left: at a minimum if a step was ever taken, else the start was
+        # never improved on (a hopeless stamp) and is no measurement
+        stuck = rej[lam[rej] > 1e10]
+        active[stuck] = False
+        converged[stuck] = moved[stuck]
     out = p[:, 3].copy()
     out[~converged | ~np.isfinite(cost)] = np.nan
     return out

@@ -601,3 +601,39 @@ def test_fill_columns_interpolates_between_good_neighbours():
     assert np.allclose(data[:, 1:], plane[:, 1:], atol=1e-4)
     assert np.array_equal(data[:, 0], plane[:, 1])
     assert ph.column_runs(np.array([9, 7, 8, 20, 0])) == [(0, 0), (7, 9), (20, 20)]
+
+
+def test_archive_seeing_in_a_crowded_field_still_finds_fwhm_stars():
+    # truth: Moffat β = 2.5 PSF of FWHM 2.2 px, 3000 stars in 1000² px. On the full-depth
+    # catalogue the isophotal sizes overstate the FWHM and too few stars look isolated;
+    # the archive's seeing (right, or 36 % off) sets the isolation scale instead
+    syn = synthetic_image(3, n_stars=3000, fwhm_pix=2.2, psf="moffat", moffat_beta=2.5)
+    img = ph.image_from_array(syn.data, syn.header)
+    for prior in (2.2, 3.0):
+        m = ph.measure_image(img, fwhm_prior_pix=prior)
+        assert m.stats["n_fwhm_stars"] == 12, prior
+        assert m.stats["fwhm_pix"] == pytest.approx(2.2, rel=0.02), prior
+    # an implausible archive value (wrong units, a placeholder) is not used at all
+    m = ph.measure_image(img, fwhm_prior_pix=999.0)
+    assert "archive seeing 999 px ignored" in m.stats["note"]
+    assert m.stats["fwhm_pix"] == pytest.approx(2.2, rel=0.02)
+
+
+def test_fwhm_star_next_to_the_far_edge():
+    # truth: one Gaussian star of FWHM 4 px 8.7 px from the right edge, whose rounded
+    # position sits exactly on the stamp margin: it is fitted (or left out), never a
+    # stamp one pixel short
+    ny = nx = 80
+    s = 4.0 / ph.FWHM_PER_SIGMA
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    rng = np.random.default_rng(1)
+
+    def star(x0, y0, f):
+        return f * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
+
+    data = rng.normal(0, 5, (ny, nx)) + star(20.2, 30.1, 2e5) + star(nx - 9.3, 50.2, 1e5)
+    data = data.astype(np.float32)
+    objs = sep.extract(data, 5, err=5.0)
+    objs["a"] = objs["b"] = 1.4 / ph.FWHM_PER_SIGMA  # rough FWHM 1.5 px: stamp margin 9
+    fwhm, n, _ = ph.estimate_fwhm(data, objs, rms=5.0, saturate_adu=None)
+    assert n >= 1 and fwhm == pytest.approx(4.0, rel=0.03)
