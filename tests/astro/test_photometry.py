@@ -637,3 +637,27 @@ def test_fwhm_star_next_to_the_far_edge():
     objs["a"] = objs["b"] = 1.4 / ph.FWHM_PER_SIGMA  # rough FWHM 1.5 px: stamp margin 9
     fwhm, n, _ = ph.estimate_fwhm(data, objs, rms=5.0, saturate_adu=None)
     assert n >= 1 and fwhm == pytest.approx(4.0, rel=0.03)
+
+
+def test_smooth_map_reads_the_background_anywhere():
+    # truth: sep's own full-frame background map of a sky with a 40 ADU gradient and a
+    # bump; the 8-px grid read back bilinearly matches it at every pixel centre
+    syn = synthetic_image(31, shape=(500, 700), n_stars=200)
+    yy, xx = np.mgrid[0:500, 0:700]
+    data = syn.data + (0.06 * xx + 30 * np.exp(-((xx - 400) ** 2 + (yy - 200) ** 2) / 2e4))
+    bkg = ph.background(data.astype(np.float32), None, ph.BackgroundParams())
+    full = bkg.back()
+    smooth = ph.SmoothMap(full)
+    rng = np.random.default_rng(0)
+    xi, yi = rng.integers(0, 700, 5000), rng.integers(0, 500, 5000)
+    assert np.abs(smooth(xi, yi) - full[yi, xi]).max() < 0.01 * bkg.globalrms
+    # positions off the image read the nearest edge; a one-row image is its mean
+    assert smooth(np.array([-5.0]), np.array([600.0]))[0] == pytest.approx(full[499, 0], abs=1e-3)
+    assert ph.SmoothMap(np.full((1, 50), 7.0))(np.array([3.0]), np.array([0.0]))[
+        0
+    ] == pytest.approx(7.0)
+    # measure_image's per-source background_adu is that map under each source
+    m = ph.measure_image(ph.image_from_array(data, syn.header))
+    s = m.sources
+    near = full[np.round(s["y"]).astype(int), np.round(s["x"]).astype(int)]
+    assert np.abs(s["background_adu"] - near).max() < 0.01 * bkg.globalrms
