@@ -324,10 +324,12 @@ def find_appeared(
         lsnr, rsize = np.log10(snr[ref][order]), size[ref][order]
         here = np.flatnonzero(exp == e)
         pos = np.searchsorted(lsnr, np.log10(np.maximum(snr[here], 1e-3)))
-        k = 15  # median over the 2k catalogued stars nearest in S/N
-        for i, j in zip(here, pos, strict=True):
-            lo = min(max(j - k, 0), max(len(lsnr) - 2 * k, 0))
-            ratio[i] = size[i] / np.median(rsize[lo : lo + 2 * k])
+        # median over the 2k catalogued stars nearest in S/N: every window's median once
+        k = 15
+        w = min(2 * k, len(rsize))
+        medians = np.median(np.lib.stride_tricks.sliding_window_view(rsize, w), axis=1)
+        lo = np.minimum(np.maximum(pos - k, 0), len(rsize) - w)
+        ratio[here] = size[here] / medians[lo]
     with np.errstate(divide="ignore", invalid="ignore"):
         axis = b / a
     lo, hi = p.size_ratio_range
