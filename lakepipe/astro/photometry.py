@@ -770,7 +770,7 @@ class ApertureResult:
 
 
 def pixel_variance(
-    bkg_level: np.ndarray | float,
+    bkg_level: np.ndarray | float | None,
     bkg_rms: np.ndarray | float,
     *,
     error_model: str,
@@ -779,7 +779,9 @@ def pixel_variance(
 ) -> np.ndarray | float:
     """Per-pixel background variance in ADU² for the CCD equation.
 
-    ``empirical``: the measured background rms² (sky Poisson and read noise as they are).
+    ``empirical``: the measured background rms² (sky Poisson and read noise as they are);
+    an rms map is squared in place (pass a fresh one, e.g. ``bkg.rms()``: a full frame
+    less to touch).
     ``ccd``: B/g + (RN/g)² (Howell 2006 eq. 4.4 with dark current neglected).
     """
     if error_model == "ccd":
@@ -788,6 +790,8 @@ def pixel_variance(
                 "error_model 'ccd' needs the gain and read noise (GAIN/RDNOISE header "
                 "cards); use error_model: empirical"
             )
+        if bkg_level is None:
+            raise ValueError("error_model 'ccd' needs the background level")
         if not np.ndim(bkg_level):
             return max(float(bkg_level), 0.0) / gain_e_per_adu + (rdnoise_e / gain_e_per_adu) ** 2
         # one new full-frame array, updated in place (fresh pages are slow to touch)
@@ -795,7 +799,9 @@ def pixel_variance(
         out /= gain_e_per_adu
         out += (rdnoise_e / gain_e_per_adu) ** 2
         return out
-    return np.square(np.asarray(bkg_rms)) if np.ndim(bkg_rms) else float(bkg_rms) ** 2
+    if not np.ndim(bkg_rms):
+        return float(bkg_rms) ** 2
+    return np.square(bkg_rms, out=bkg_rms)
 
 
 def fill_masked(data_sub: np.ndarray, mask: np.ndarray, *, max_iter: int = 10) -> np.ndarray:
@@ -1288,17 +1294,13 @@ def measure_image(
     forced = np.concatenate([np.zeros(n_det, bool), np.ones(len(fx), bool)])
 
     # photometry
-    if ap.error_model == "empirical":  # the measured rms map, squared where it lies
-        rms_map = bkg.rms()
-        var: np.ndarray | float = np.square(rms_map, out=rms_map)
-    else:
-        var = pixel_variance(
-            back,
-            bkg.globalrms,
-            error_model=ap.error_model,
-            gain_e_per_adu=image.gain_e_per_adu,
-            rdnoise_e=image.rdnoise_e,
-        )
+    var = pixel_variance(
+        back,
+        bkg.rms() if ap.error_model == "empirical" else bkg.globalrms,
+        error_model=ap.error_model,
+        gain_e_per_adu=image.gain_e_per_adu,
+        rdnoise_e=image.rdnoise_e,
+    )
     annulus = None
     annulus_mask = None
     if bp.mode == "local":

@@ -253,14 +253,11 @@ class SourcesStage(Stage):
         out: list[tuple[int, int, int | None, Any]] = []
         if self.params.image == "cutout":
             t = ctx.lake.read(
-                "cutouts", partitions=[key], columns=["cutout_id", "exposure_id", "path", "sha256"]
+                "cutouts",
+                partitions=[key],
+                columns=["cutout_id", "exposure_id", "path", "sha256", "status"],
             )
-            status = ctx.lake.read("cutouts", partitions=[key], columns=["status"])
-            rows = [
-                r
-                for r, s in zip(t.to_pylist(), status.column("status").to_pylist(), strict=True)
-                if s in OK_CUTOUT_STATUSES and r["path"]
-            ]
+            rows = [r for r in t.to_pylist() if r["status"] in OK_CUTOUT_STATUSES and r["path"]]
             for r in sorted(rows, key=lambda r: r["cutout_id"]):
                 out.append(
                     (
