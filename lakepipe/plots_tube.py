@@ -16,18 +16,13 @@ from matplotlib.figure import Figure
 from lakepipe.errors import UserError
 from lakepipe.plots import _save
 
-ARCMIN_PER_RAD = 180.0 / np.pi * 60.0
-
 
 def _tangent(ra0: float, dec0: float, ra, dec) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic (xi, eta) in arcmin about (ra0, dec0): xi east, eta north (Calabretta &
-    Greisen 2002, TAN)."""
-    a0, d0 = np.radians(ra0), np.radians(dec0)
-    a, d = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
-    xi = np.cos(d) * np.sin(a - a0) / cosc
-    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
-    return xi * ARCMIN_PER_RAD, eta * ARCMIN_PER_RAD
+    """Gnomonic (xi east, eta north) in arcmin about (ra0, dec0)."""
+    from lakepipe.astro.wcs import tangent_plane
+
+    xi, eta, _ = tangent_plane(np.asarray(ra, float), np.asarray(dec, float), ra0, dec0)
+    return xi * 60.0, eta * 60.0
 
 
 def plot_tube(

@@ -87,17 +87,6 @@ def angular_sep_deg(ra1: np.ndarray, dec1: np.ndarray, ra2: float, dec2: float) 
     return np.degrees(np.arctan2(num, den))
 
 
-def _gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> tuple:
-    """Gnomonic (TAN) plane coordinates in deg about (ra0, dec0); Calabretta & Greisen 2002."""
-    r, d = np.radians(ra), np.radians(dec)
-    r0, d0 = math.radians(ra0), math.radians(dec0)
-    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(r - r0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xi = np.cos(d) * np.sin(r - r0) / cosc
-        eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(r - r0)) / cosc
-    return np.degrees(xi), np.degrees(eta), cosc
-
-
 def _seg_point_dist(ax, ay, bx, by, px: float, py: float) -> np.ndarray:
     """Distance from point p to segments a→b (arrays), planar."""
     dx, dy = bx - ax, by - ay
@@ -263,7 +252,9 @@ class ExposureQuery(BaseModel):
         ra0, dec0, rad = float(self.ra), float(self.dec), float(self.radius_deg)
         # corner inside the cone
         hit = np.any(angular_sep_deg(rc, dc, ra0, dec0) <= rad, axis=1)
-        x, y, cosc = _gnomonic(rc, dc, ra0, dec0)
+        from lakepipe.astro.wcs import tangent_plane  # astropy.wcs: off the start-up path
+
+        x, y, cosc = tangent_plane(rc, dc, ra0, dec0)
         front = np.all(cosc > 0, axis=1)  # the whole footprint on the near hemisphere
         xs, ys = np.where(front[:, None], x, 0.0), np.where(front[:, None], y, 0.0)
         # cone centre inside the footprint
@@ -278,6 +269,8 @@ class ExposureQuery(BaseModel):
 
     def _overlaps_box(self, rc: np.ndarray, dc: np.ndarray) -> np.ndarray:
         # sample each footprint edge densely and its centre; plus box corners in the footprint
+        from lakepipe.astro.wcs import tangent_plane  # astropy.wcs: off the start-up path
+
         t = np.linspace(0.0, 1.0, 17)[:-1]
         pts_ra, pts_dec = [], []
         for i in range(4):
@@ -295,7 +288,7 @@ class ExposureQuery(BaseModel):
             (ra_max, dec_max),
             (ra_min, dec_max),
         ):
-            x, y, cosc = _gnomonic(rc, dc, bra, bdec)
+            x, y, cosc = tangent_plane(rc, dc, bra, bdec)
             ok = np.all(cosc > 0, axis=1)
             xs, ys = np.where(ok[:, None], x, 0.0), np.where(ok[:, None], y, 0.0)
             hit |= ok & _point_in_quads(xs, ys, np.zeros(len(xs)), np.zeros(len(xs)))

@@ -114,18 +114,27 @@ def point_in_footprint(
     return near & (np.all(s >= 0, axis=-1) | np.all(s <= 0, axis=-1))
 
 
-def gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
-    """Tangent-plane (ξ, η) in degrees about (ra0, dec0) (Calabretta & Greisen 2002, TAN).
-
-    Shape ``(n, 2)``; points more than 90° away come out as NaN.
-    """
+def tangent_plane(
+    ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gnomonic (TAN) plane coordinates about (ra0, dec0) (Calabretta & Greisen 2002):
+    (ξ east, η north) in degrees and cos c, the cosine of the angular distance (points
+    with cos c ≤ 0 are on the far hemisphere, where ξ, η mean nothing). Keeps the
+    inputs' shape."""
     a, d = np.radians(np.asarray(ra, np.float64)), np.radians(np.asarray(dec, np.float64))
-    a0, d0 = np.radians(ra0), np.radians(dec0)
+    a0, d0 = math.radians(ra0), math.radians(dec0)
     cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
     with np.errstate(divide="ignore", invalid="ignore"):
         xi = np.cos(d) * np.sin(a - a0) / cosc
         eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
-    out = np.degrees(np.column_stack([xi, eta]))
+    return np.degrees(xi), np.degrees(eta), cosc
+
+
+def gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
+    """:func:`tangent_plane` (ξ, η) in degrees as shape ``(n, 2)``; points more than 90°
+    away come out as NaN."""
+    xi, eta, cosc = tangent_plane(ra, dec, ra0, dec0)
+    out = np.column_stack([xi, eta])
     out[cosc <= 0] = np.nan
     return out
 
