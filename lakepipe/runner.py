@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import re
 import time
 import traceback
 from collections.abc import Iterable
@@ -41,7 +40,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakepipe.archives.base import Archive, archives
-from lakepipe.catalogs import catalog_traffic
 from lakepipe.config import (
     configure_logging,
     current_log_level,
@@ -323,7 +321,12 @@ def execute_job(job: Job) -> JobResult:
         ctx = make_context(lake, loaded, job.stage, job.spec_json, job.spec_dir, manifest)
         archive = ctx.archive
         before = archive.stats() if archive is not None else {}
-        cat_before = catalog_traffic()  # reference-catalog services (CDS) read by the stage
+        # reference-catalog services (CDS) read by the stage; imported here, not at the
+        # top: catalogs pulls in astropy.coordinates, healpix and requests, which every
+        # CLI command would otherwise pay for at start-up
+        from lakepipe.catalogs import catalog_traffic
+
+        cat_before = catalog_traffic()
         try:
             out = stage.run(ctx, Partition(key=job.key, reads=job.reads))
         finally:
@@ -591,8 +594,10 @@ class _DryRunReader(LakeReader):
         return LakeReader(self.lake, self.dry.committed).read(table, *args, **kwargs)
 
     def sql(self, query: str) -> pa.Table:
+        from lakepipe.sql import mentions_table  # duckdb: off the start-up path
+
         for table in self.dry.changed:
-            if re.search(rf"\b{re.escape(table)}\b", query, flags=re.I):
+            if mentions_table(query, table):
                 self.rows_read.add(table)
         return LakeReader(self.lake, self.dry.committed).sql(query)
 

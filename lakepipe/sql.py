@@ -51,6 +51,12 @@ def arrow_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     return fetch()
 
 
+def mentions_table(sql: str, table: str) -> bool:
+    """Whether ``sql`` names ``table`` (as a whole word, any case): which tables a query
+    may read, for dry-run planning and for blaming an unreadable table."""
+    return re.search(rf"\b{re.escape(table)}\b", sql, re.I) is not None
+
+
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -185,7 +191,7 @@ class LakeSQL:
     def _query_error(self, sql: str, exc: Exception) -> Exception:
         """The error to raise for a failed query: the lake's fault when it names a table
         whose files could not be read, else the query's."""
-        named = [t for t in self.broken if re.search(rf"\b{re.escape(t)}\b", sql, re.I)]
+        named = [t for t in self.broken if mentions_table(sql, t)]
         if named:
             t = named[0]
             return LakeError(

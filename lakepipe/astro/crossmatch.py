@@ -20,7 +20,6 @@ Separations reported are great-circle angles from the Vincenty formula (as astro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from scipy.spatial import cKDTree
+
+from lakepipe.config import usable_cores
 
 MatchMode = Literal["nearest", "all"]
 
@@ -186,7 +187,7 @@ def crossmatch(
         pairs = qtree.sparse_distance_matrix(tree, chord, output_type="ndarray")
         return q[pairs["i"]], p[pairs["j"]]
 
-    nworkers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    nworkers = max(1, workers if workers is not None else usable_cores())
     if nworkers == 1 or len(edges) <= 2:
         results = [band(k) for k in range(len(edges) - 1)]
     else:
