@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from lakepipe.astro.crossmatch import angular_separation_arcsec, crossmatch
-from lakepipe.astro.wcs import gnomonic, inside_image
+from lakepipe.astro.wcs import gnomonic, inside_image, measured_areas, measured_images
 from lakepipe.catalogs import CatalogConfig, Cone, open_catalog
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 from lakepipe.stages.crossmatch import BandMap, reference_mags
@@ -191,12 +191,7 @@ def find_vanished(
         return _empty("vanished")
     det = sources.filter(~pc.field("forced") & pc.field("ra").is_valid())
     cut_by_id = {r["cutout_id"]: r for r in cutouts.to_pylist()} if cutouts is not None else {}
-    measured: dict[int, list] = {}  # exposure -> cutout ids (None: the full exposure)
-    for e, c in zip(sources.column("exposure_id").to_pylist(),
-                    sources.column("cutout_id").to_pylist(), strict=True):  # fmt: skip
-        ids = measured.setdefault(e, [])
-        if c not in ids:
-            ids.append(c)
+    measured = measured_images(sources.column("exposure_id"), sources.column("cutout_id"))
 
     cones, epochs = [], []
     for c in cal:
@@ -247,10 +242,7 @@ def find_vanished(
             swallowed[i1[blend | halo]] = True
         xy = gnomonic(rra, rdec, e["ra"], e["dec"])
         here = dexp == eid
-        for cut_id in measured.get(eid, [None]):
-            cut = cut_by_id.get(cut_id) if cut_id is not None else None
-            if cut_id is not None and cut is None:
-                continue  # measured on a cutout we cannot see: no footprint, no claim
+        for cut_id, cut in measured_areas(measured, eid, cut_by_id):
             inside = inside_image(xy, e, cut, p.edge_margin_arcsec / 3600.0)
             cand = np.flatnonzero(bright & inside & ~swallowed)
             if cand.size == 0:

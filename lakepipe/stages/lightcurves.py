@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lakepipe.astro.crossmatch import crossmatch
 from lakepipe.astro.variability import lightcurve_stats
-from lakepipe.astro.wcs import gnomonic, inside_image
+from lakepipe.astro.wcs import gnomonic, inside_image, measured_areas, measured_images
 from lakepipe.stages.base import Partition, Stage, StageContext, StageParams, register_stage
 
 SOURCE_COLUMNS = [
@@ -246,7 +246,9 @@ def catalog_lightcurves(
 ) -> pa.Table:
     """Lightcurves of catalogue stars with at least ``min_detections`` matched detections."""
     first = xm.filter(pc.field("match_rank") == 1)
-    counts = first.group_by("ref_id").aggregate(
+    # one thread: a threaded hash aggregation sums in the order rows reach its threads,
+    # and the mean position then differs in the last bits from run to run
+    counts = first.group_by("ref_id", use_threads=False).aggregate(
         [("source_id", "count"), ("ref_ra", "mean"), ("ref_dec", "mean")]
     )
     counts = counts.filter(pc.field("source_id_count") >= min_detections)
@@ -298,8 +300,8 @@ def coverage_limits(
     )
     measured: dict[int, list] = {}
     if "sources" in tables:
-        for r in ctx.lake.sql("select distinct exposure_id, cutout_id from sources").to_pylist():
-            measured.setdefault(r["exposure_id"], []).append(r["cutout_id"])
+        pairs = ctx.lake.sql("select distinct exposure_id, cutout_id from sources")
+        measured = measured_images(pairs.column("exposure_id"), pairs.column("cutout_id"))
     oid = [o[0] for o in objects]
     ora = np.array([o[1] for o in objects], np.float64)
     odec = np.array([o[2] for o in objects], np.float64)
@@ -314,10 +316,7 @@ def coverage_limits(
             continue
         xy = gnomonic(ora, odec, e["ra"], e["dec"])
         covered = np.zeros(len(oid), dtype=bool)
-        for cut_id in measured.get(c["exposure_id"], [None]):
-            cut = cutouts.get(cut_id) if cut_id is not None else None
-            if cut_id is not None and cut is None:
-                continue
+        for _, cut in measured_areas(measured, c["exposure_id"], cutouts):
             covered |= inside_image(xy, e, cut, margin_arcsec / 3600.0)
         for i in np.flatnonzero(covered):
             if (oid[i], c["exposure_id"]) in have:
