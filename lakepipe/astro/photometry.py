@@ -453,6 +453,12 @@ def gaussian_kernel(fwhm_pix: float) -> np.ndarray:
     return k / k.sum()
 
 
+def is_sep_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of sep's own failures (pixel buffer full, invalid aperture,
+    …), which its C layer raises as a bare ``Exception``; anything else is a bug."""
+    return type(exc) is Exception
+
+
 def _ensure_pixstack(npix: int) -> None:
     # sep's pixel stack (SExtractor MEMORY_PIXSTACK) must hold the pixels of all objects
     # open at once; a large image with bright stars overflows the default 300 000.
@@ -1230,7 +1236,7 @@ def measure_image(
         try:
             objects, segmap = find(gaussian_kernel(prior))
         except Exception as exc:  # sep's own errors (e.g. its pixel buffer): pre-pass
-            if type(exc) is not Exception:
+            if not is_sep_error(exc):
                 raise
             notes.append(f"detection with the archive seeing {prior:.2f} px failed ({exc})")
     if objects is not None and prior is not None:

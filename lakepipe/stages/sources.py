@@ -209,7 +209,7 @@ class SourcesStage(Stage):
                 # Only expected failures become a StageError: a ValueError (e.g. no pixel
                 # scale / WCS) and sep's bare Exception ("invalid aperture ..."). Anything
                 # else is a bug and keeps its traceback.
-                if not (isinstance(exc, ValueError) or type(exc) is Exception):
+                if not (isinstance(exc, ValueError) or ph.is_sep_error(exc)):
                     raise
                 raise StageError(
                     f"stage {self.name!r}: measuring image {image_id} (exposure "
