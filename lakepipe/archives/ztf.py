@@ -300,6 +300,7 @@ class ZtfArchive(Archive):
         self._rows: dict[int, dict[str, Any]] = {}
         self._urls: dict[int, str] = {}  # exposure_id → image URL known from lake rows
         self._lake_root: Path | None = None
+        self._learned: dict[str, str] = {}  # exposures partition -> fingerprint read
         self._query_rows = 0
 
     def stats(self) -> dict[str, float]:
@@ -338,15 +339,22 @@ class ZtfArchive(Archive):
         return n
 
     def _learn_from_lake(self) -> None:
-        """Read the committed ``exposures`` rows of the lake this archive serves."""
+        """Read the committed ``exposures`` rows of the lake this archive serves: only the
+        partitions not read yet (or recommitted since), so an id the lake cannot resolve
+        costs a manifest read, not a read of the whole table."""
         if self._lake_root is None:
             return
         from lakepipe.lake import Lake
 
         reader = Lake(self._lake_root).reader()
-        if "exposures" not in reader.tables():
+        committed = {k: e.fingerprint for k, e in reader.manifest.partitions("exposures").items()}
+        new = sorted(k for k, fp in committed.items() if self._learned.get(k) != fp)
+        if not new:
             return
-        table = reader.read("exposures", columns=["exposure_id", "archive", "image_uri"])
+        table = reader.read(
+            "exposures", partitions=new, columns=["exposure_id", "archive", "image_uri"]
+        )
+        self._learned.update((k, committed[k]) for k in new)
         log.debug("learned %d image URLs from the lake's exposures", self.remember(table))
 
     def fingerprint(self) -> str:
